@@ -1,0 +1,66 @@
+"""``record``: how much attention text gives to the image, per layer and head (changes nothing)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from attnkit.interventions.base import Intervention, param, register
+
+
+@register
+@dataclasses.dataclass
+class Record(Intervention):
+    """Record text→image attention at prefill, aggregated (never the full L×L maps).
+
+    For each recorded layer l, sample b and head h:
+
+    - ``visual_share[l][b, h] = mean_{q ∈ T_b} Σ_{k ∈ V_b} P_lh[q, k]`` — T_b are the text tokens of
+      sample b after its first visual token (they can see the image; padding excluded), V_b its
+      visual tokens; NaN if T_b is empty.
+    - ``last_query[l][b]`` = ``P_lh[q_last, V_b]`` as [H, |V_b|]: what the last prompt token (the one
+      that predicts the first answer token) looks at in the image, in visual-token order.
+
+    Probabilities are computed as eager attention does, in chunks of query rows; the layer's output
+    still comes from the model's own implementation, so recording does not change any logit.
+    """
+
+    name = "record"
+    layers: tuple[int, ...] | None = param(None, low=0, doc="decoder layers to record (default: all)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.visual_share: dict[int, torch.Tensor] = {}
+        self.last_query: dict[int, list[torch.Tensor]] = {}
+
+    def attention_layers(self, ctx) -> list[int]:
+        return list(range(ctx.adapter.num_layers)) if self.layers is None else list(self.layers)
+
+    def reset(self) -> None:
+        self.visual_share, self.last_query = {}, {}
+
+    def on_attention(self, call) -> None:
+        spans = call.state.spans
+        if not call.is_prefill or spans is None or not spans.has_images():
+            return
+        visual = spans.visual.to(call.query.device)               # [B, L] keys (= queries at prefill)
+        text = spans.text_after_image().to(call.query.device)     # [B, L] queries
+        B, H = call.query.shape[:2]
+        total = torch.zeros(B, H, dtype=torch.float32, device=call.query.device)
+        last = None
+        for rows, p in call.iter_probs():
+            share = (p * visual[:, None, None, :].float()).sum(-1)            # [B, H, r]
+            total += (share * text[:, None, rows].float()).sum(-1)
+            if rows.stop == call.q_len:
+                last = p[:, :, -1, :]                                          # [B, H, kv]
+        n_text = text.sum(-1).float()[:, None]
+        self.visual_share[call.layer_idx] = (total / n_text).cpu()
+        self.last_query[call.layer_idx] = [last[b][:, visual[b]].cpu() for b in range(B)]
+
+    def stats(self) -> dict[str, Any]:
+        if not self.visual_share:
+            return {"layers": [], "note": "nothing recorded (no prefill with images yet)"}
+        return {"layers": sorted(self.visual_share),
+                "visual_share": {l: v.tolist() for l, v in sorted(self.visual_share.items())}}

@@ -1,0 +1,96 @@
+"""The model adapter: everything model-specific, asked by the rest of attnkit instead of ``isinstance``."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from attnkit.hooks.spans import VisualSpans
+
+
+class ModelAdapter:
+    """Where a vision-language model keeps its parts, and how its visual tokens are laid out.
+
+    Subclasses set ``families`` (``{class name: family}``) and implement the accessors below.
+    """
+
+    families: dict[str, str] = {}
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.family = self.families[type(model).__name__]
+        params = list(inspect.signature(model.forward).parameters)
+        self._arg_index = {name: i for i, name in enumerate(params)}
+
+    # --- parts --------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens of every image when the family fixes it (LLaVA-1.5), else None."""
+        return None
+
+    # --- inputs -------------------------------------------------------------------------------
+    def forward_arg(self, name: str, args: tuple, kwargs: dict):
+        """Argument ``name`` of a call to the top model's ``forward``, given positionally or by keyword."""
+        if name in kwargs:
+            return kwargs[name]
+        i = self._arg_index.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> VisualSpans:
+        return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, self.tokens_per_image)
+
+
+def supported_classes() -> list[str]:
+    from attnkit.models.llava import LlavaAdapter
+    from attnkit.models.qwen_vl import QwenVLAdapter
+
+    return [name for a in (LlavaAdapter, QwenVLAdapter) for name in a.families]
+
+
+def get_adapter(model) -> ModelAdapter:
+    """The adapter for ``model``; ``TypeError`` naming its class and the supported ones otherwise."""
+    from attnkit.models.llava import LlavaAdapter
+    from attnkit.models.qwen_vl import QwenVLAdapter
+
+    name = type(model).__name__
+    for adapter in (LlavaAdapter, QwenVLAdapter):
+        if name in adapter.families:
+            return adapter(model)
+    raise TypeError(f"attnkit does not support {name}; supported model classes: {', '.join(supported_classes())}")

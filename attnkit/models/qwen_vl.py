@@ -1,0 +1,25 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``) and Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``)."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.models.base import ModelAdapter
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Native-resolution ViT (no [CLS]) -> 2x2 patch merger -> Qwen2 LLM with 3-D (t, h, w) mrope positions.
+
+    Each image is ``<|vision_start|> <|image_pad|> * (t*h*w/4) <|vision_end|>``, so its tokens form
+    one run; a sample may hold several images.
+    """
+
+    families = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.visual.merger

@@ -1,0 +1,207 @@
+"""Tiny models of every supported family, built offline from real transformers configs.
+
+Random weights (seeded), the real modeling code, and an offline word-level tokenizer and processor,
+so that ``image + prompt -> processor -> generate -> text`` runs with no hub. Used by the tests, the
+docs and the benchmarks (which scale the same configs up with ``size=``).
+
+    model, processor = attnkit.testing.tiny_model_and_processor("qwen2_vl")
+    inputs = attnkit.testing.tiny_inputs(processor, batch=3)      # left-padded, ragged prompts
+    out = model.generate(**inputs, max_new_tokens=4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>",
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_WORDS = ("USER: ASSISTANT: user assistant system a an the is are there in on of and or to what "
+          "which how many yes no image picture photo describe this please answer question with "
+          "one word color shape red green blue yellow black white small large left right top "
+          "bottom center circle square triangle star cat dog car tree house person bird cup "
+          "table chair book ball boat plane train bus clock phone laptop bottle apple banana "
+          "pizza cake sky water grass road . , ?").split()
+VOCAB_SIZE = 256  # the tiny configs' vocab; ids past the word list are never produced by text
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
+    "{% endif %}{% endfor %}{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }} "
+    "{% endfor %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer (whitespace split, left padding) with LLaVA and Qwen special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _WORDS)}
+    assert len(vocab) <= VOCAB_SIZE
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+    )
+    tok.add_special_tokens({"additional_special_tokens": _SPECIAL[4:]})
+    return tok
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Dimensions shared by the tiny configs; ``benchmarks/`` scale them up to mid-size."""
+
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    image: int = 32          # CLIP input side (LLaVA); 16 patches of 8 px
+    patch: int = 8
+    vocab: int = VOCAB_SIZE
+
+
+def tiny_config(family: str, size: TinySize | None = None):
+    """A real transformers config of ``family`` at toy size (ids match :func:`tiny_tokenizer`)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig,
+                              Qwen2VLConfig)
+
+    s = size or TinySize()
+    tok_ids = {t: i for i, t in enumerate(_SPECIAL)}
+    text = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate, vocab_size=s.vocab,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in ("llava", "llava_next"):
+        vision = CLIPVisionConfig(hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                                  num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                                  image_size=s.image, patch_size=s.patch, projection_dim=s.vision_hidden)
+        common = dict(vision_config=vision, text_config=LlamaConfig(**text), image_token_index=tok_ids["<image>"],
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=(s.image // s.patch) ** 2, pad_token_id=0)
+        if family == "llava":
+            return LlavaConfig(**common)
+        g = s.image
+        return LlavaNextConfig(**common, image_grid_pinpoints=[[g, 2 * g], [2 * g, g], [2 * g, 2 * g]])
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        head_dim = s.hidden // s.heads
+        mrope = _mrope_section(head_dim)
+        text_cfg = dict(text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e4})
+        ids = dict(image_token_id=tok_ids["<|image_pad|>"], video_token_id=tok_ids["<|video_pad|>"],
+                   vision_start_token_id=tok_ids["<|vision_start|>"], vision_end_token_id=tok_ids["<|vision_end|>"])
+        if family == "qwen2_vl":
+            vision = dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.hidden,
+                          num_heads=s.vision_heads, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                          mlp_ratio=2)
+            return Qwen2VLConfig(text_config=text_cfg, vision_config=vision, **ids)
+        vision = dict(depth=max(s.vision_layers, 2), hidden_size=s.vision_hidden, out_hidden_size=s.hidden,
+                      intermediate_size=2 * s.vision_hidden, num_heads=s.vision_heads, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                      fullatt_block_indexes=[max(s.vision_layers, 2) - 1])
+        return Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision, **ids)
+    raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into (t, h, w) like Qwen's [16, 24, 24] for head_dim 128."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+               size: TinySize | None = None):
+    """A randomly initialised model of ``family`` (seeded), in eval mode."""
+    import transformers
+
+    cfg = tiny_config(family, size)
+    cls = {"llava": transformers.LlavaForConditionalGeneration,
+           "llava_next": transformers.LlavaNextForConditionalGeneration,
+           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[family]
+    torch.manual_seed(seed)
+    cfg._attn_implementation = attn_implementation
+    model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def tiny_processor(family: str, size: TinySize | None = None):
+    """An offline processor for ``family`` built around :func:`tiny_tokenizer` (no torchvision needed)."""
+    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor
+
+    s = size or TinySize()
+    tok = tiny_tokenizer()
+    if family in ("llava", "llava_next"):
+        kw = dict(size={"shortest_edge": s.image}, crop_size={"height": s.image, "width": s.image},
+                  do_center_crop=True)
+        if family == "llava":
+            return LlavaProcessor(CLIPImageProcessorPil(**kw), tok, patch_size=s.patch,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                  chat_template=LLAVA_TEMPLATE)
+        g = s.image
+        ip = LlavaNextImageProcessorPil(**kw, image_grid_pinpoints=[[g, 2 * g], [2 * g, g], [2 * g, 2 * g]])
+        return LlavaNextProcessor(ip, tok, patch_size=s.patch, vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from attnkit.models.processors import qwen_image_processor_class
+
+        from transformers import Qwen2VLImageProcessorPil
+
+        ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=4096, patch_size=4, merge_size=2,
+                                   temporal_patch_size=2)
+        return qwen_image_processor_class(family)(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+
+
+def tiny_model_and_processor(family: str, seed: int = 0, **kw):
+    return tiny_model(family, seed=seed, **kw), tiny_processor(family, kw.get("size"))
+
+
+def tiny_image(seed: int = 0, width: int = 32, height: int = 32) -> Image.Image:
+    """A random RGB image (seeded)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+_PROMPTS = ["describe this image", "is there a cat in the image ? answer with one word",
+            "what color is the large circle on the left of the picture", "how many dogs"]
+
+
+def tiny_prompt(processor, text: str, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def tiny_inputs(processor, batch: int = 1, seed: int = 0, n_images: int = 1, image_sizes=None):
+    """Processor outputs for ``batch`` prompts of different lengths (so batch > 1 is left-padded)."""
+    texts, images = [], []
+    for b in range(batch):
+        texts.append(tiny_prompt(processor, _PROMPTS[(seed + b) % len(_PROMPTS)], n_images))
+        for i in range(n_images):
+            w, h = (image_sizes[(b * n_images + i) % len(image_sizes)] if image_sizes else (32, 32))
+            images.append(tiny_image(seed * 100 + b * 10 + i, w, h))
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def save_tiny(family: str, path, seed: int = 0) -> None:
+    """Write a tiny model and its processor to ``path`` (for ``from_pretrained`` and CLI tests)."""
+    model, processor = tiny_model_and_processor(family, seed=seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
