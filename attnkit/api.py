@@ -86,7 +86,8 @@ class Handle:
         if prefill:
             input_ids = self.adapter.forward_arg("input_ids", args, kwargs)
             mask = self.adapter.forward_arg("attention_mask", args, kwargs)
-            state.spans = None if input_ids is None else self.adapter.visual_spans(input_ids, mask)
+            counts = self.adapter.image_token_counts(args, kwargs)
+            state.spans = None if input_ids is None else self.adapter.visual_spans(input_ids, mask, counts)
             state.step, state.forward_calls, state.prefill_ms = 0, 0, None
             for iv in self.interventions:
                 iv.reset()

@@ -27,23 +27,20 @@ class VisualSpans:
 
     @classmethod
     def from_input_ids(cls, input_ids: torch.Tensor, image_token_id: int, attention_mask: torch.Tensor | None = None,
-                       tokens_per_image: int | None = None) -> VisualSpans:
-        """Find visual tokens as runs of ``image_token_id``.
+                       image_token_counts: list[int] | None = None) -> VisualSpans:
+        """Find visual tokens (``input_ids == image_token_id``) and the image each belongs to.
 
-        Each maximal run is one image; when ``tokens_per_image`` is known (LLaVA-1.5: a fixed count),
-        a run of several back-to-back images is split into blocks of that size.
+        ``image_token_counts`` (tokens of each image, in batch order, as the model fills them in:
+        row-major over the batch) splits back-to-back images; without it each maximal run of visual
+        tokens is taken as one image.
         """
         visual = input_ids == image_token_id
         valid = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-        run_id = torch.cumsum(starts.long(), dim=1) - 1
-        if tokens_per_image:
-            offset_in_run = _offset_in_run(visual)
-            # a run of n * tokens_per_image tokens holds n images; count earlier images of earlier runs
-            run_len_blocks = _blocks_before(visual, run_id, tokens_per_image)
-            image_id = run_len_blocks + offset_in_run // tokens_per_image
+        if image_token_counts is not None and sum(image_token_counts) == int(visual.sum()):
+            image_id = _ids_from_counts(visual, image_token_counts)
         else:
-            image_id = run_id
+            starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+            image_id = torch.cumsum(starts.long(), dim=1) - 1
         image_id = torch.where(visual, image_id, torch.full_like(image_id, -1))
         return cls(visual=visual, image_id=image_id, valid=valid)
 
@@ -78,23 +75,10 @@ class VisualSpans:
         return bool(self.visual.any())
 
 
-def _offset_in_run(visual: torch.Tensor) -> torch.Tensor:
-    """Index of each visual token within its run (0, 1, 2, ... restarting at each run)."""
-    idx = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
-    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-    last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-    return idx - last_start
-
-
-def _blocks_before(visual: torch.Tensor, run_id: torch.Tensor, block: int) -> torch.Tensor:
-    """For each token, how many fixed-size images lie in the runs before its run."""
-    out = torch.zeros_like(run_id)
-    for b in range(visual.shape[0]):
-        runs = run_id[b][visual[b]]
-        if runs.numel() == 0:
-            continue
-        lengths = torch.bincount(runs)
-        blocks = torch.div(lengths + block - 1, block, rounding_mode="floor")
-        before = torch.cumsum(blocks, 0) - blocks
-        out[b] = torch.where(visual[b], before[run_id[b].clamp(min=0)], torch.zeros_like(run_id[b]))
-    return out
+def _ids_from_counts(visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-sample image index of each visual token, given every image's token count in row-major order."""
+    bounds = torch.tensor(counts, device=visual.device).cumsum(0)
+    global_rank = torch.cumsum(visual.flatten().long(), 0).view_as(visual) - 1      # row-major visual index
+    global_image = torch.searchsorted(bounds, global_rank.clamp(min=0), right=True)
+    first = torch.where(visual, global_image, torch.full_like(global_image, 1 << 30)).min(dim=1, keepdim=True).values
+    return global_image - first

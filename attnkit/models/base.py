@@ -60,9 +60,15 @@ class ModelAdapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    @property
-    def tokens_per_image(self) -> int | None:
-        """Visual tokens of every image when the family fixes it (LLaVA-1.5), else None."""
+    def image_token_counts(self, args: tuple, kwargs: dict) -> list[int] | None:
+        """Visual tokens of each image of a top-model forward call, in batch order (None if unknown).
+
+        ``generate()`` hands the prefill pre-encoded images (``mm_encoder_outputs``): their rows are
+        the counts. A plain forward gets pixels; each family computes the counts from its inputs.
+        """
+        encoded = self.forward_arg("mm_encoder_outputs", args, kwargs)
+        if encoded and encoded.get("image") is not None:
+            return [f.shape[0] for f in encoded["image"].pooler_output]
         return None
 
     # --- inputs -------------------------------------------------------------------------------
@@ -73,8 +79,9 @@ class ModelAdapter:
         i = self._arg_index.get(name)
         return args[i] if i is not None and i < len(args) else None
 
-    def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> VisualSpans:
-        return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, self.tokens_per_image)
+    def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     image_token_counts: list[int] | None = None) -> VisualSpans:
+        return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)
 
 
 def supported_classes() -> list[str]:

@@ -23,3 +23,14 @@ class QwenVLAdapter(ModelAdapter):
     @property
     def projector(self) -> torch.nn.Module:
         return self.model.model.visual.merger
+
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    def image_token_counts(self, args: tuple, kwargs: dict) -> list[int] | None:
+        counts = super().image_token_counts(args, kwargs)
+        grid = self.forward_arg("image_grid_thw", args, kwargs)
+        if counts is not None or grid is None:
+            return counts
+        return (grid.prod(-1) // self.merge_size**2).tolist()

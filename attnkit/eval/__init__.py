@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loaders (local files, published formats), metrics, runner and report."""

@@ -1,0 +1,171 @@
+"""The comparison report: metric and cost deltas vs the baseline as markdown, plus PNG plots.
+
+Reads the ``summary.json`` the runner writes (``{"bench", "primary_metric", "higher_is_better",
+"memory", "results": [ConfigResult...]}``), so a report can be rebuilt from a finished output folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+BETTER, WORSE = "▲", "▼"
+COSTS = (("visual_tokens", "visual tokens"), ("prefill_ms", "prefill ms"), ("decode_ms_per_token", "decode ms/tok"),
+         ("peak_mem_mb", "peak mem MB"))
+
+
+def direction(metric: str, higher_is_better: Mapping[str, bool]) -> bool | None:
+    """True if higher is better for ``metric`` (patterns match its last ``/`` part), False if lower, else None."""
+    leaf = metric.rsplit("/", 1)[-1]
+    for pattern, better in higher_is_better.items():
+        if fnmatch.fnmatchcase(leaf, pattern) or fnmatch.fnmatchcase(metric, pattern):
+            return better
+    return None
+
+
+def _num(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 10:
+        return f"{v:.0f}"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def delta(value: float | None, base: float | None, higher_better: bool | None) -> str:
+    """``"+0.012 ▲"``: the signed change, with ▲ / ▼ when it is better / worse (nothing when neither applies)."""
+    if value is None or base is None or any(isinstance(x, float) and math.isnan(x) for x in (value, base)):
+        return ""
+    d = value - base
+    if d == 0:
+        return "±0"
+    arrow = "" if higher_better is None else (BETTER if (d > 0) == higher_better else WORSE)
+    return f"{'+' if d > 0 else '−'}{_num(abs(d))} {arrow}".rstrip()
+
+
+def _cell(value, base, higher_better, is_base: bool) -> str:
+    if is_base:
+        return _num(value)
+    d = delta(value, base, higher_better)
+    return f"{_num(value)} ({d})" if d else _num(value)
+
+
+def baseline_of(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return next((r for r in results if r["config"] == "baseline"), results[0])
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    """Two tables: per config the primary metric and the costs; per metric every config, with deltas."""
+    results = summary["results"]
+    if not results:
+        return f"# {summary['bench']}: no results\n"
+    hib = summary.get("higher_is_better", {})
+    base = baseline_of(results)
+    primary = summary.get("primary_metric")
+    metrics = list(dict.fromkeys(k for r in results for k in r["metrics"]))
+    if primary not in metrics:
+        primary = metrics[0] if metrics else None
+    lines = [f"# {summary['bench']}: interventions vs {base['config']}", ""]
+    head = ["config", "n", "errors"] + ([f"{primary} {_hint(direction(primary, hib))}".rstrip()] if primary else [])
+    head += [f"{label} ↓" for _, label in COSTS]
+    lines += [_row(head), _row(["---"] * len(head))]
+    for r in results:
+        is_base = r is base
+        cells = [f"**{r['config']}**" if is_base else r["config"], str(r["n"]), str(r["n_errors"])]
+        if primary:
+            cells.append(_cell(r["metrics"].get(primary), base["metrics"].get(primary),
+                               direction(primary, hib), is_base))
+        cells += [_cell(r["costs"].get(k), base["costs"].get(k), False, is_base) for k, _ in COSTS]
+        lines.append(_row(cells))
+    if len(metrics) > 1:
+        lines += ["", "| metric | " + " | ".join(r["config"] for r in results) + " |",
+                  _row(["---"] * (len(results) + 1))]
+        for m in metrics:
+            hb = direction(m, hib)
+            cells = [f"{m} {_hint(hb)}".rstrip()]
+            cells += [_cell(r["metrics"].get(m), base["metrics"].get(m), hb, r is base) for r in results]
+            lines.append(_row(cells))
+    lines += ["", f"{BETTER} better / {WORSE} worse than {base['config']}; ↑/↓ in a header: higher/lower is better. "
+              f"Costs are means per sample; peak memory is the max ({summary.get('memory', 'n/a')})."]
+    return "\n".join(lines) + "\n"
+
+
+def _hint(higher_better: bool | None) -> str:
+    return "" if higher_better is None else ("↑" if higher_better else "↓")
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+# --- plots ---------------------------------------------------------------------------------------
+_KEEP = re.compile(r"(?:^|[:,;])keep=([0-9.]+)")
+
+
+def keep_of(config: str) -> float | None:
+    """The ``keep=`` value of a config (count or ratio), None if it has none."""
+    m = _KEEP.search(config)
+    return float(m.group(1)) if m else None
+
+
+def plot(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """``{bench}_metric_vs_tokens.png`` and, for sweeps over ``keep``, ``{bench}_latency_vs_keep.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir, results, bench = Path(out_dir), summary["results"], summary["bench"]
+    primary = summary.get("primary_metric")
+    paths = []
+    pts = [(r["costs"].get("visual_tokens"), r["metrics"].get(primary), r["config"]) for r in results]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="visual tokens (mean per sample)", ylabel=primary, title=f"{bench}: {primary} vs visual tokens")
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / f"{bench}_metric_vs_tokens.png"))
+    sweep = sorted((keep_of(r["config"]), r["costs"].get("prefill_ms"), r["costs"].get("decode_ms_per_token"))
+                   for r in results if keep_of(r["config"]) is not None and r["costs"].get("prefill_ms") is not None)
+    if len(sweep) >= 2:
+        base = baseline_of(results)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="prefill ms")
+        if all(s[2] is not None for s in sweep):
+            ax.plot([s[0] for s in sweep], [s[2] for s in sweep], "s--", label="decode ms/token")
+        if base["config"] == "baseline" and base["costs"].get("prefill_ms") is not None:
+            ax.axhline(base["costs"]["prefill_ms"], color="gray", ls=":", label="baseline prefill ms")
+        ax.set(xlabel="keep", ylabel="ms", title=f"{bench}: latency vs keep")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / f"{bench}_latency_vs_keep.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str | Path, summary: Mapping[str, Any] | None = None, plots: bool = True) -> str:
+    """Write ``report.md`` (and the plots) in ``out_dir`` from ``summary`` or its ``summary.json``; returns the text."""
+    out_dir = Path(out_dir)
+    if summary is None:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    text = markdown(summary)
+    pngs = plot(summary, out_dir) if plots else []
+    if pngs:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    (out_dir / "report.md").write_text(text)
+    return text

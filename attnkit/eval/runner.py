@@ -1,0 +1,442 @@
+"""The eval runner: one model load, the same samples / seed / greedy decoding for the baseline and each config.
+
+Each (benchmark, config) writes one JSONL in the output folder, ``{bench}__{label}__{hash}.jsonl``, where the
+hash covers the model path, the interventions, the decoding, dtype/quantization and the attnkit version.
+Rows are appended, flushed and fsync'ed one sample at a time, so a killed run resumes where it stopped: ids
+already in the file are skipped, a torn last line is dropped. A sample that fails (unreadable image, an
+exception in generate) becomes ``{"id": ..., "error": ...}`` and the run goes on; error rows are retried
+only with ``retry_errors=True``.
+
+Data-parallel (``accelerate launch``): each process takes ``samples[rank::world]`` and writes
+``….rank{r}.jsonl``; rank 0 merges them into the main file at the end.
+
+Costs per row: ``visual_tokens`` (``visual_tokens_kept`` from an intervention's stats if one reports it, else
+the handle's count), ``prefill_ms``, ``decode_ms_per_token`` (generate's wall time after prefill / decode
+steps), ``peak_mem_mb``: CUDA ``max_memory_allocated`` on GPU; on CPU the peak increase of the process RSS
+during ``generate()`` (``/proc/self/statm`` polled every 2 ms; a lower bound, includes allocator reuse).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BASELINE = "baseline"
+
+
+# --- configs -------------------------------------------------------------------------------------
+def split_specs(config: str) -> list[str]:
+    """``"var;cls-prune:keep=64"`` -> ``["var", "cls-prune:keep=64"]``; ``"baseline"`` / ``""`` -> ``[]``."""
+    parts = [p.strip() for p in config.split(";") if p.strip()]
+    return [] if parts in ([], [BASELINE]) else parts
+
+
+def canonical(config: str) -> str:
+    """The config with each intervention rebuilt from the registry (validates it; raises on a bad spec)."""
+    from attnkit.interventions import build
+
+    specs = split_specs(config)
+    if BASELINE in specs:
+        raise ValueError(f"{config!r}: 'baseline' cannot be combined with interventions")
+    return ";".join(build(s).spec() for s in specs) or BASELINE
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What, besides the config, decides a row: part of the file's hash."""
+
+    model_path: str
+    max_new_tokens: int | None = None    # None: the benchmark's
+    seed: int = 0
+    dtype: str = "auto"
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
+class RunKey:
+    bench: str
+    config: str           # canonical
+    settings: RunSettings
+    max_new_tokens: int
+
+    def digest(self) -> str:
+        import attnkit
+
+        payload = {"bench": self.bench, "config": self.config, "model": str(Path(self.settings.model_path).resolve()),
+                   "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens, "seed": self.settings.seed},
+                   "dtype": self.settings.dtype, "quantization": self.settings.quantization,
+                   "attnkit": attnkit.__version__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def stem(self) -> str:
+        label = re.sub(r"[^A-Za-z0-9.=+-]+", "_", self.config)[:80]
+        return f"{self.bench}__{label}__{self.digest()}"
+
+
+# --- JSONL persistence ---------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn (unparseable) last line is ignored, a bad line elsewhere raises."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON; delete the file to restart this config") from None
+    return rows
+
+
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    """Replace ``path`` atomically with ``rows``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _repair(path: Path, drop_errors: bool) -> None:
+    """Rewrite ``path`` without a torn last line (and without error rows if asked), so appends start clean."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    rows = read_rows(path)
+    torn = bool(text) and not text.endswith("\n")
+    if torn or (drop_errors and any("error" in r for r in rows)):
+        write_rows(path, [r for r in rows if not (drop_errors and "error" in r)])
+
+
+class RowWriter:
+    """Append rows to a JSONL file: one write, flush and fsync per row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def merge_rows(row_lists: Sequence[Sequence[dict]]) -> list[dict]:
+    """One row per id, first-seen order; a success row beats an error row, a later row an earlier one."""
+    best: dict[str, dict] = {}
+    for rows in row_lists:
+        for row in rows:
+            old = best.get(row["id"])
+            if old is None or "error" in old or "error" not in row:
+                best[row["id"]] = row
+    return list(best.values())
+
+
+def shard_paths(main: Path) -> list[Path]:
+    return sorted(main.parent.glob(main.stem + ".rank*.jsonl"))
+
+
+def merge_shards(main: Path) -> list[dict]:
+    """Fold ``main``'s per-rank files into ``main`` (atomically) and delete them; returns the merged rows."""
+    shards = shard_paths(main)
+    rows = merge_rows([read_rows(main)] + [read_rows(p) for p in shards])
+    if shards or main.exists():
+        write_rows(main, rows)
+    for p in shards:
+        p.unlink()
+    return rows
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the samples: ``samples[rank::world]``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_accelerate(cls) -> Shard:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes)
+
+    def take(self, samples: Sequence) -> list:
+        return list(samples[self.rank::self.world])
+
+    def path(self, main: Path) -> Path:
+        return main if self.world == 1 else main.with_name(f"{main.stem}.rank{self.rank}.jsonl")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+# --- costs ---------------------------------------------------------------------------------------
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """``{"mb": ...}`` after the block: CUDA max allocated, or the peak RSS increase on CPU (None if unknown)."""
+    out: dict[str, float | None] = {"mb": None}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    start = _rss_bytes()
+    if start is None:
+        yield out
+        return
+    peak, stop = [start], threading.Event()
+
+    def poll():
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes() or 0)
+        out["mb"] = (peak[0] - start) / 2**20
+
+
+MEMORY_NOTE = {"cuda": "CUDA max_memory_allocated", "cpu": "peak process RSS increase during generate (CPU)"}
+
+
+def visual_tokens(stats: dict[str, Any]) -> int | None:
+    """Visual tokens the LLM saw: an intervention's ``visual_tokens_kept`` if reported, else the handle's count."""
+    for value in stats.values():
+        if isinstance(value, dict) and value.get("visual_tokens_kept") is not None:
+            return _first(value["visual_tokens_kept"])
+    return _first(stats.get("visual_tokens"))
+
+
+def _first(v):
+    if isinstance(v, (list, tuple)):
+        return int(v[0]) if v else None
+    return None if v is None else int(v)
+
+
+# --- one sample ----------------------------------------------------------------------------------
+def build_inputs(processor, question: str, image) -> dict:
+    """The chat-templated prompt of one (image, question) through the processor, batch 1."""
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    if image is None:
+        return processor(text=[prompt], return_tensors="pt")
+    return processor(images=[image], text=[prompt], return_tensors="pt")
+
+
+def open_image(path):
+    from PIL import Image
+
+    if path is None:
+        return None
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def generate_one(model, processor, handle, sample, max_new_tokens: int, seed: int) -> dict[str, Any]:
+    """Greedy-decode one sample on a wrapped model; the prediction and its costs."""
+    image = open_image(sample.image)
+    inputs = build_inputs(processor, sample.question, image).to(model.device)
+    torch.manual_seed(seed)
+    pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
+    with peak_memory(model.device) as mem, torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad)
+        total_ms = (time.perf_counter() - t0) * 1e3
+    new = out[0, inputs["input_ids"].shape[1]:]
+    stats = handle.stats()
+    prefill = stats.get("prefill_ms")
+    steps = stats.get("decode_steps") or 0
+    decode = (total_ms - prefill) / steps if steps and prefill is not None else None
+    return {"prediction": processor.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
+            "visual_tokens": visual_tokens(stats), "prefill_ms": prefill, "decode_ms_per_token": decode,
+            "total_ms": total_ms, "peak_mem_mb": mem["mb"]}
+
+
+# --- a run ---------------------------------------------------------------------------------------
+@dataclass
+class ConfigResult:
+    """The scored outcome of one (benchmark, config)."""
+
+    bench: str
+    config: str
+    path: str
+    n: int
+    n_errors: int
+    metrics: dict[str, float]
+    costs: dict[str, float | None]
+    errors: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+COST_KEYS = ("visual_tokens", "prefill_ms", "decode_ms_per_token", "peak_mem_mb")
+
+
+def summarize_costs(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Means over successful rows (``peak_mem_mb``: the max)."""
+    out: dict[str, float | None] = {}
+    for key in COST_KEYS:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = (max(vals) if key == "peak_mem_mb" else sum(vals) / len(vals)) if vals else None
+    return out
+
+
+def score(bench, samples: Sequence, rows: Sequence[dict], config: str, path: Path) -> ConfigResult:
+    """The benchmark's metrics over this run's samples (error rows have no prediction), and the mean costs."""
+    by_id = {r["id"]: r for r in rows}
+    ran = [s for s in samples if s.id in by_id]
+    ok = [s for s in ran if "error" not in by_id[s.id]]
+    errors = [by_id[s.id] for s in ran if "error" in by_id[s.id]]
+    preds = {s.id: by_id[s.id]["prediction"] for s in ok}
+    metrics = bench.score(ran, preds) if ok else {}
+    return ConfigResult(bench.name, config, str(path), len(ok), len(errors), dict(metrics),
+                        summarize_costs([by_id[s.id] for s in ok]), errors)
+
+
+def load_samples(bench) -> list:
+    samples = bench.samples()
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"benchmark {bench.name!r} has duplicate sample id {dup!r}; ids must be unique")
+    return samples
+
+
+def run_config(model, processor, bench, samples: Sequence, config: str, out_dir: Path, settings: RunSettings, *,
+               shard: Shard = Shard(), retry_errors: bool = False, progress: bool = True,
+               after_sample: Callable[[dict], None] | None = None) -> Path:
+    """Generate the rows of one config that are not on disk yet; returns the main JSONL path."""
+    from tqdm.auto import tqdm
+
+    import attnkit
+
+    max_new = settings.max_new_tokens or bench.max_new_tokens
+    key = RunKey(bench.name, canonical(config), settings, max_new)
+    main = out_dir / f"{key.stem()}.jsonl"
+    mine = shard.path(main)
+    if shard.rank == 0:
+        _write_meta(main, key)
+    _repair(mine, drop_errors=retry_errors)
+    done = {r["id"] for r in merge_rows([read_rows(p) for p in [main, *shard_paths(main)]])
+            if not (retry_errors and "error" in r)}
+    todo = [s for s in shard.take(samples) if s.id not in done]
+
+    handle = attnkit.wrap(model, *split_specs(key.config))
+    writer = RowWriter(mine)
+    try:
+        bar = tqdm(todo, desc=f"{bench.name} {key.config}", disable=not progress, leave=False)
+        for sample in bar:
+            row: dict[str, Any] = {"id": sample.id, "split": sample.split, "config": key.digest()}
+            try:
+                budget = settings.max_new_tokens or _budget(bench, sample)
+                row.update(generate_one(model, processor, handle, sample, budget, settings.seed + _seed_of(sample)))
+            except Exception as e:  # noqa: BLE001 - any failing sample becomes an error row
+                row["error"] = f"{type(e).__name__}: {e}"
+            writer.write(row)
+            if after_sample is not None:
+                after_sample(row)
+    finally:
+        writer.close()
+        handle.remove()
+    return main
+
+
+def _budget(bench, sample) -> int:
+    per_sample = getattr(bench, "max_new_tokens_for", None)
+    return int(per_sample(sample)) if per_sample is not None else int(bench.max_new_tokens)
+
+
+def _seed_of(sample) -> int:
+    """A per-sample seed offset from its id, so a resumed or sharded run seeds each sample the same way."""
+    return int(hashlib.sha256(sample.id.encode()).hexdigest()[:8], 16)
+
+
+def _write_meta(main: Path, key: RunKey) -> None:
+    import attnkit
+
+    meta = {"bench": key.bench, "config": key.config, "hash": key.digest(), "settings": asdict(key.settings),
+            "max_new_tokens": key.max_new_tokens, "attnkit": attnkit.__version__}
+    path = main.with_suffix(".meta.json")
+    if not path.exists():
+        path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSettings, *, model=None,
+             processor=None, device_map: str | dict | None = None, shard: Shard | None = None,
+             retry_errors: bool = False, progress: bool = True,
+             after_sample: Callable[[dict], None] | None = None) -> list[ConfigResult]:
+    """Run ``configs`` (``"baseline"``, ``"cls-prune:keep=64"``, ``"var;fastv:k=2"``) on ``bench``; one model load.
+
+    Returns one scored :class:`ConfigResult` per config on rank 0 (``[]`` on other ranks) and writes
+    ``summary.json`` next to the rows.
+    """
+    configs = [canonical(c) for c in configs]          # bad specs fail before the model loads
+    if len(set(configs)) != len(configs):
+        raise ValueError(f"a config is given twice: {configs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard = shard or Shard.from_accelerate()
+    samples = load_samples(bench)
+    if model is None:
+        from attnkit.eval.loading import load_model_and_processor
+
+        model, processor = load_model_and_processor(settings.model_path, dtype=settings.dtype, device_map=device_map,
+                                                    quantization=settings.quantization)
+    paths = [run_config(model, processor, bench, samples, c, out_dir, settings, shard=shard,
+                        retry_errors=retry_errors, progress=progress, after_sample=after_sample) for c in configs]
+    shard.barrier()
+    if shard.rank != 0:
+        return []
+    results = [score(bench, samples, merge_shards(p), c, p) for c, p in zip(configs, paths, strict=True)]
+    write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"])
+    return results
+
+
+def write_summary(out_dir: Path, bench, results: Sequence[ConfigResult], memory: str) -> Path:
+    path = out_dir / "summary.json"
+    data = {"bench": bench.name, "primary_metric": bench.primary_metric,
+            "higher_is_better": dict(bench.higher_is_better), "memory": memory,
+            "results": [r.to_dict() for r in results]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

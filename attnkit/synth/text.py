@@ -1,0 +1,61 @@
+"""The synthetic world's language: captions, yes/no questions, prompts and the word vocabulary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnkit.synth.world import CATEGORIES, SCENE_TYPES, Scene
+
+POPE_QUESTION = "Is there a {} in the image?"
+POPE_SUFFIX = " Answer the question using a single word or phrase."
+CAPTION_PROMPTS = (
+    "Please describe this image in detail.",
+    "Describe this image.",
+    "What is in the image?",
+    "Generate a short caption of the image.",
+)
+CHAIR_PROMPT = CAPTION_PROMPTS[0]
+
+
+def caption(scene: Scene) -> str:
+    """``"a kitchen scene with a cup , a table and a bottle ."`` (objects in vocabulary order)."""
+    names = [f"a {n}" for n in scene.categories]
+    listed = names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
+    return f"a {scene.kind} scene with {listed} ."
+
+
+def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, dict[str, float]],
+                     frequency: dict[str, float], n: int = 2) -> list[tuple[str, str]]:
+    """``n`` balanced (question, "yes"/"no") pairs; negatives are random, popular or co-occurring (1/3 each)."""
+    present = scene.categories
+    absent = [c.name for c in CATEGORIES if c.name not in present]
+    out = []
+    for k in range(n):
+        if k % 2 == 0:
+            out.append((present[rng.integers(len(present))], "yes"))
+            continue
+        mode = rng.integers(3)
+        if mode == 0:
+            w = np.ones(len(absent))
+        elif mode == 1:
+            w = np.array([frequency[a] for a in absent]) + 1e-3
+        else:
+            w = np.array([sum(cooccur[p].get(a, 0.0) for p in present) for a in absent]) + 1e-3
+        out.append((absent[rng.choice(len(absent), p=w / w.sum())], "no"))
+    return [(POPE_QUESTION.format(c) + (POPE_SUFFIX if rng.random() < 0.5 else ""), a) for c, a in out]
+
+
+def vocabulary() -> list[str]:
+    """Every word the templates can produce, lower-cased (the tokenizer lower-cases its input)."""
+    texts = [POPE_QUESTION, POPE_SUFFIX, *CAPTION_PROMPTS, "USER: ASSISTANT: a an with scene and yes no , ."]
+    words = {w for t in texts for w in _split(t.lower().replace("{}", ""))}
+    words |= set(SCENE_TYPES)
+    for c in CATEGORIES:
+        words |= {c.name, *c.synonyms}
+    return sorted(words)
+
+
+def _split(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+|[^\w\s]+", text)

@@ -1,0 +1,60 @@
+"""bf16 and bitsandbytes 4-/8-bit models (the ``quant`` extra) wrap, generate and remove like the others."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import testing
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    paths = {}
+    for family in ("llava", "qwen2_vl"):
+        paths[family] = tmp_path_factory.mktemp(family)
+        testing.save_tiny(family, paths[family])
+    return paths
+
+
+def _load(family, path, mode):
+    import transformers
+
+    cls = {"llava": transformers.LlavaForConditionalGeneration,
+           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[family]
+    if mode == "bf16":
+        model = cls.from_pretrained(path, dtype=torch.bfloat16)
+    else:
+        pytest.importorskip("bitsandbytes")
+        qc = transformers.BitsAndBytesConfig(load_in_4bit=True) if mode == "4bit" else \
+            transformers.BitsAndBytesConfig(load_in_8bit=True)
+        model = cls.from_pretrained(path, quantization_config=qc,
+                                    dtype=torch.bfloat16 if mode == "4bit" else torch.float32)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["bf16", "4bit", "8bit"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_quantized_wrap_generate_remove(saved, family, mode):
+    model = _load(family, saved[family], mode)
+    if mode != "bf16":
+        assert "bit" in type(model.model.language_model.layers[0].self_attn.q_proj).__name__
+    inputs = testing.tiny_inputs(testing.tiny_processor(family), batch=2)
+    kw = dict(max_new_tokens=3, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(**inputs, **kw)
+        handle = attnkit.wrap(model, "record:layers=1")
+        out = model.generate(**inputs, **kw)
+        stats = handle.stats()
+        handle.remove()
+        after = model.generate(**inputs, **kw)
+    assert torch.equal(out, ref) and torch.equal(after, ref)
+    assert stats["visual_tokens"] == [16, 16]
+    share = torch.tensor(stats["record"]["visual_share"][1])
+    assert share.shape == (2, 4) and bool(((share > 0) & (share <= 1.0001)).all())
+    assert model.config.get_text_config()._attn_implementation == "sdpa"

@@ -1,0 +1,232 @@
+"""The eval runner: resume after a kill, error rows, same samples for every config, sharding + merge, report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attnkit import testing
+from attnkit.eval import report, runner
+from attnkit.eval.runner import RunSettings, Shard
+
+CONFIGS = ["baseline", "record:layers=0"]
+
+
+@dataclass(frozen=True)
+class FakeSample:
+    id: str
+    image: Path | None
+    question: str
+    answer: Any
+    split: str
+    meta: dict = field(default_factory=dict)
+
+
+class FakeBench:
+    """Six yes/no samples (one with a corrupt image); metrics depend on every prediction."""
+
+    name = "fake"
+    max_new_tokens = 3
+    primary_metric = "match"
+    higher_is_better = {"match": True, "length": False}
+
+    def __init__(self, root: Path, corrupt: bool = True):
+        self.root, self.corrupt = root, corrupt
+
+    def samples(self) -> list[FakeSample]:
+        out = []
+        for i in range(6):
+            path = self.root / f"img{i}.png"
+            if i == 4 and self.corrupt:
+                path = self.root / "corrupt.png"
+            out.append(FakeSample(f"s{i}", path, "is there a cat in the image ?", "yes" if i % 2 else "no", "split"))
+        return out
+
+    def score(self, samples, predictions) -> dict[str, float]:
+        scored = [s for s in samples if s.id in predictions]
+        match = sum(predictions[s.id].split()[:1] == [s.answer] for s in scored) / max(len(scored), 1)
+        length = sum(len(predictions[s.id]) for s in scored) / max(len(scored), 1)
+        return {"match": match, "length": length, "n": float(len(scored))}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runner")
+    testing.save_tiny("llava", root / "model")
+    for i in range(6):
+        testing.tiny_image(i).save(root / f"img{i}.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    from attnkit.eval.loading import load_model_and_processor
+
+    return load_model_and_processor(tiny_dir / "model")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dir, loaded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    results = _evaluate(tiny_dir, loaded, out)
+    return out, results
+
+
+def _evaluate(tiny_dir, loaded, out, **kw):
+    model, processor = loaded
+    return runner.evaluate(FakeBench(tiny_dir), kw.pop("configs", CONFIGS), out,
+                           RunSettings(str(tiny_dir / "model")), model=model, processor=processor,
+                           progress=False, **kw)
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _stopper(after: int):
+    seen = []
+
+    def cb(row):
+        seen.append(row["id"])
+        if len(seen) == after:
+            raise KeyboardInterrupt
+
+    return cb, seen
+
+
+def test_resume_after_kill_gives_each_sample_once_and_the_same_metrics(tiny_dir, loaded, uninterrupted, tmp_path):
+    full_out, full = uninterrupted
+    stop, seen = _stopper(8)            # all 6 baseline rows, then 2 of the intervention's
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(tiny_dir, loaded, tmp_path, after_sample=stop)
+    assert not (tmp_path / "summary.json").exists()
+
+    counter, resumed_ids = _stopper(-1)
+    resumed = _evaluate(tiny_dir, loaded, tmp_path, after_sample=counter)
+    assert resumed_ids == ["s2", "s3", "s4", "s5"]          # nothing redone
+    for a, b in zip(full, resumed, strict=True):
+        assert a.config == b.config
+        assert a.metrics == b.metrics
+        assert Path(a.path).name == Path(b.path).name     # same config hash
+        rows = _rows(b.path)
+        assert [r["id"] for r in rows] == [f"s{i}" for i in range(6)]
+        assert [r.get("prediction") for r in rows] == [r.get("prediction") for r in _rows(a.path)]
+
+
+def test_torn_last_line_is_dropped_and_redone(tiny_dir, loaded, uninterrupted, tmp_path):
+    _, full = uninterrupted
+    stop, _ = _stopper(3)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline"], after_sample=stop)
+    path = next(tmp_path.glob("fake__baseline__*.jsonl"))
+    with open(path, "a") as f:
+        f.write('{"id": "s3", "split": "split", "predi')           # killed mid-write
+    (res,) = _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline"])
+    assert [r["id"] for r in _rows(path)] == [f"s{i}" for i in range(6)]
+    assert res.metrics == full[0].metrics
+
+
+def test_corrupt_image_is_an_error_row_not_retried_unless_asked(tiny_dir, loaded, uninterrupted, tmp_path):
+    _, full = uninterrupted
+    base = full[0]
+    assert (base.n, base.n_errors) == (5, 1)
+    (err,) = [r for r in _rows(base.path) if "error" in r]
+    assert err["id"] == "s4" and "corrupt.png" in err["error"]
+    assert base.metrics["n"] == 5.0
+
+    _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline"])
+    counter, redone = _stopper(-1)
+    _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline"], after_sample=counter)
+    assert redone == []
+    _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline"], after_sample=counter, retry_errors=True)
+    assert redone == ["s4"]
+    rows = _rows(next(tmp_path.glob("fake__baseline__*.jsonl")))
+    assert [r["id"] for r in rows].count("s4") == 1
+
+
+def test_baseline_and_intervention_see_the_same_samples_and_report_costs(uninterrupted):
+    _, (base, rec) = uninterrupted
+    assert [r["id"] for r in _rows(base.path)] == [r["id"] for r in _rows(rec.path)] == [f"s{i}" for i in range(6)]
+    assert base.path != rec.path
+    # record changes no logit: the same greedy text
+    assert [r.get("prediction") for r in _rows(base.path)] == [r.get("prediction") for r in _rows(rec.path)]
+    for row in _rows(base.path):
+        if "error" in row:
+            continue
+        assert row["visual_tokens"] == 16                     # (32 / 8)^2 patches of the tiny CLIP tower
+        assert row["prefill_ms"] > 0 and row["new_tokens"] == 3
+        assert row["decode_ms_per_token"] > 0
+        assert row["peak_mem_mb"] is not None
+    assert base.costs["visual_tokens"] == 16
+
+
+def test_sharded_runs_merge_into_the_uninterrupted_rows(tiny_dir, loaded, uninterrupted, tmp_path):
+    _, full = uninterrupted
+    assert _evaluate(tiny_dir, loaded, tmp_path, shard=Shard(1, 2)) == []      # rank 1: rows only
+    ranks = sorted(p.name.split(".")[-2] for p in tmp_path.glob("*.rank*.jsonl"))
+    assert ranks == ["rank1", "rank1"]
+    merged = _evaluate(tiny_dir, loaded, tmp_path, shard=Shard(0, 2))          # rank 0 merges at the end
+    assert not list(tmp_path.glob("*.rank*.jsonl"))
+    for a, b in zip(full, merged, strict=True):
+        assert a.metrics == b.metrics and (a.n, a.n_errors) == (b.n, b.n_errors)
+        key = {r["id"]: r.get("prediction") for r in _rows(a.path)}
+        got = _rows(b.path)
+        assert sorted(r["id"] for r in got) == sorted(key)
+        assert {r["id"]: r.get("prediction") for r in got} == key
+
+
+def test_shard_take_partitions_and_merge_prefers_success():
+    items = list(range(7))
+    parts = [Shard(r, 3).take(items) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[1] == [1, 4]
+    rows = runner.merge_rows([[{"id": "a", "error": "x"}, {"id": "b", "prediction": "1"}],
+                              [{"id": "a", "prediction": "2"}, {"id": "b", "error": "y"}]])
+    assert rows == [{"id": "a", "prediction": "2"}, {"id": "b", "prediction": "1"}]
+
+
+def test_bad_spec_fails_before_the_model_loads(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown intervention 'nope'"):
+        runner.evaluate(FakeBench(tiny_dir), ["baseline", "nope:keep=3"], tmp_path,
+                        RunSettings(str(tmp_path / "no-such-model")), progress=False)
+
+
+def test_config_hash_depends_on_spec_and_decoding(tiny_dir):
+    s = RunSettings(str(tiny_dir / "model"))
+    key = runner.RunKey("fake", "record:layers=0", s, 3)
+    assert key.digest() == runner.RunKey("fake", "record:layers=0", s, 3).digest()
+    assert key.digest() != runner.RunKey("fake", "baseline", s, 3).digest()
+    assert key.digest() != runner.RunKey("fake", "record:layers=0", s, 4).digest()
+    assert key.digest() != runner.RunKey("fake", "record:layers=0", RunSettings(s.model_path, seed=1), 3).digest()
+    assert runner.canonical("record: layers=0 ") == runner.canonical("record:layers=0") == "record:layers=0"
+    assert runner.split_specs("baseline") == [] and runner.split_specs("a;b:x=1") == ["a", "b:x=1"]
+
+
+def test_visual_tokens_prefers_an_interventions_kept_count():
+    assert runner.visual_tokens({"visual_tokens": [576], "cls-prune": {"visual_tokens_kept": [64]}}) == 64
+    assert runner.visual_tokens({"visual_tokens": [576], "record": {"layers": []}}) == 576
+
+
+def test_report_deltas_arrows_and_plots(tmp_path):
+    def res(config, match, tokens, ms):
+        return {"config": config, "n": 5, "n_errors": 0, "metrics": {"match": match, "length": 4.0},
+                "costs": {"visual_tokens": tokens, "prefill_ms": ms, "decode_ms_per_token": 1.0, "peak_mem_mb": 2.0}}
+
+    summary = {"bench": "fake", "primary_metric": "match", "higher_is_better": FakeBench.higher_is_better,
+               "memory": "cpu", "results": [res("baseline", 0.5, 576, 100.0), res("cls-prune:keep=64", 0.6, 64, 20.0),
+                                            res("cls-prune:keep=128", 0.4, 128, 30.0)]}
+    text = report.write_report(tmp_path, summary)
+    lines = text.splitlines()
+    row64 = next(line for line in lines if line.startswith("| cls-prune:keep=64 |"))
+    assert "0.600 (+0.100 ▲)" in row64 and "64 (−512 ▲)" in row64 and "20.000 (−80.0 ▲)" in row64
+    row128 = next(line for line in lines if line.startswith("| cls-prune:keep=128 |"))
+    assert "0.400 (−0.100 ▼)" in row128
+    assert "| length ↓ | 4.000 | 4.000 | 4.000 |" in text
+    assert (tmp_path / "report.md").read_text() == text
+    assert (tmp_path / "fake_metric_vs_tokens.png").stat().st_size > 1000
+    assert (tmp_path / "fake_latency_vs_keep.png").stat().st_size > 1000
+    assert report.keep_of("var;cls-prune:keep=0.5") == 0.5 and report.keep_of("baseline") is None
