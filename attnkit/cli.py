@@ -1,9 +1,217 @@
-"""The ``attnkit`` command line: argument parsing only; the work is in ``attnkit.api`` and ``attnkit.eval``."""
+"""The ``attnkit`` command line: argument parsing only; the work is in ``attnkit.api`` and ``attnkit.eval``.
+
+    attnkit eval                                   # the embedded demo: small model + synthetic POPE
+    attnkit eval --model PATH --bench pope --data DIR --compare baseline "cls-prune:keep=64" "var"
+    attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
+    attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/
+    attnkit calibrate vhr --model PATH --data DIR --out heads.json
+    attnkit list
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
+from pathlib import Path
+
+# What `attnkit eval` with no --model/--data compares; configs whose interventions are not registered are skipped.
+DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "fastv:k=2,keep=0.5", "var", "vhr", "mma")
+DEMO_BENCH = "pope"
+DEMO_LIMIT = 10          # per POPE split: 30 questions per config
+DEFAULT_OUT = "attnkit_runs"
+
+
+class UsageError(ValueError):
+    """A bad command line value; printed as ``attnkit: error: ...`` with exit status 2."""
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+def expand_sweep(sweep: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """``"cls-prune:keep=32,64,layer=2"`` -> ``("cls-prune", [("keep", ["32", "64"]), ("layer", ["2"])])``."""
+    name, _, rest = sweep.strip().partition(":")
+    keys: list[tuple[str, list[str]]] = []
+    for token in (t.strip() for t in rest.split(",")):
+        if not token:
+            continue
+        key, eq, value = token.partition("=")
+        if eq:
+            if not key.strip() or not value.strip():
+                raise UsageError(f"bad sweep {sweep!r}: {token!r} needs a key and a value (key=v1,v2,...)")
+            keys.append((key.strip(), [value.strip()]))
+        elif keys:
+            keys[-1][1].append(token)
+        else:
+            raise UsageError(f"bad sweep {sweep!r}: value {token!r} comes before any key=; "
+                             "write name:key=v1,v2,other=v3,v4")
+    if not name.strip():
+        raise UsageError(f"bad sweep {sweep!r}: no intervention name; write name:key=v1,v2")
+    return name.strip(), keys
+
+
+def sweep_grid(sweeps: list[str]) -> list[str]:
+    """The configs of one or more ``--sweep``: comma-separated values after ``key=`` are alternatives; several
+    keys or several sweeps form the cartesian product (sweeps of different interventions combine with ``;``).
+    The baseline comes first."""
+    merged: dict[str, list[tuple[str, list[str]]]] = {}
+    for sweep in sweeps:
+        name, keys = expand_sweep(sweep)
+        have = {k for k, _ in merged.get(name, [])}
+        for k, _ in keys:
+            if k in have:
+                raise UsageError(f"parameter {k!r} of {name!r} is swept twice; give its values in one --sweep")
+        merged.setdefault(name, []).extend(keys)
+    per_name = []
+    for name, keys in merged.items():
+        combos = itertools.product(*[values for _, values in keys])
+        per_name.append([name + (":" + ",".join(f"{k}={v}" for (k, _), v in zip(keys, c, strict=True))
+                                 if keys else "") for c in combos])
+    grid = [";".join(parts) for parts in itertools.product(*per_name)]
+    return ["baseline"] + list(dict.fromkeys(g for g in grid if g != "baseline"))
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _device_map(device: str) -> str | None:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device == "map":
+        return "auto"                   # accelerate spreads one model over the visible GPUs
+    return device
+
+
+def _demo():
+    """The embedded default: ``(model path, POPE data dir)`` of ``attnkit.synth.demo``."""
+    try:
+        from attnkit.synth.demo import demo_data_path, demo_model_path
+    except ImportError as e:
+        raise UsageError(f"the embedded demo (attnkit.synth.demo) is not available in this install ({e}); "
+                         "pass --model PATH --data DIR") from None
+    return Path(demo_model_path()), Path(demo_data_path())
+
+
+def demo_configs() -> list[str]:
+    """:data:`DEMO_COMPARE` restricted to configs whose interventions are registered."""
+    from attnkit.eval.runner import split_specs
+    from attnkit.interventions import REGISTRY
+    from attnkit.interventions.base import parse_spec
+
+    return [c for c in DEMO_COMPARE if all(parse_spec(s)[0] in REGISTRY for s in split_specs(c))]
+
+
+def _bench_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"bad --bench-option {item!r}; write key=value")
+        out[key.strip()] = value
+    return out
+
+
+def _benchmark(args: argparse.Namespace, data: Path):
+    from attnkit.eval.benchmarks import get_benchmark
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    return get_benchmark(args.bench, data, splits=splits, limit=args.limit, **_bench_options(args.bench_option))
+
+
+def _run(args: argparse.Namespace, configs: list[str]) -> int:
+    from attnkit.eval import report, runner
+
+    if (args.model is None) != (args.data is None):
+        raise UsageError("give both --model PATH and --data DIR, or neither for the embedded demo")
+    if args.model is None:
+        model, data = _demo()
+        args.bench = DEMO_BENCH
+        if args.limit is None:
+            args.limit = DEMO_LIMIT
+        print(f"attnkit: no --model/--data: running the embedded demo ({model.name} on synthetic POPE, "
+              f"{args.limit} questions per split)", file=sys.stderr)
+    else:
+        model, data = Path(args.model), Path(args.data)
+        if not data.is_dir():
+            raise UsageError(f"--data {str(data)!r} is not a directory")
+    if configs is None:
+        configs = demo_configs() if args.model is None else ["baseline"]
+    if "baseline" not in configs:
+        configs = ["baseline", *configs]
+    bench = _benchmark(args, data)
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / bench.name
+    settings = runner.RunSettings(str(model), max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype,
+                                  quantization=args.quant)
+    results = runner.evaluate(bench, configs, out, settings, device_map=_device_map(args.device),
+                              retry_errors=args.retry_errors, progress=not args.no_progress)
+    if not results:                       # a non-zero rank of a data-parallel run
+        return 0
+    text = report.write_report(out, plots=not args.no_plots)
+    print(text.split("\n![", 1)[0].rstrip())
+    print(f"\nrows, summary.json and report.md in {out}/")
+    failed = [(r.config, r.n_errors, r.errors[0]["error"]) for r in results if r.n_errors]
+    for config, n, first in failed:
+        print(f"attnkit: warning: {config}: {n} sample(s) failed (error rows), e.g. {first}", file=sys.stderr)
+    if all(r.n == 0 for r in results):
+        print("attnkit: error: every sample failed; see the error rows", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- commands ------------------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> int:
+    return _run(args, args.compare)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    grid = sweep_grid(args.sweep)
+    print(f"attnkit: ablation grid ({len(grid)} configs): {', '.join(grid)}", file=sys.stderr)
+    return _run(args, grid)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from attnkit.eval import report
+    from attnkit.eval.loading import load_model_and_processor
+    from attnkit.eval.runner import open_image, split_specs
+
+    model_path = Path(args.model) if args.model else _demo()[0]
+    image = open_image(args.image)
+    layers = None
+    if args.layers:
+        try:
+            layers = tuple(int(x) for x in args.layers.replace(",", "+").split("+"))
+        except ValueError:
+            raise UsageError(f"bad --layers {args.layers!r}; write e.g. 0+5+10") from None
+    model, processor = load_model_and_processor(model_path, dtype=args.dtype, device_map=_device_map(args.device))
+    paths = report.save_attention_maps(model, processor, image, args.prompt, args.out, layers=layers,
+                                       extra=split_specs(args.with_ or ""))
+    print(f"wrote {len(paths)} PNG(s) to {args.out}/")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from attnkit.eval.loading import load_model_and_processor
+    from attnkit.eval.runner import load_samples
+    from attnkit.interventions import REGISTRY
+
+    if args.name not in REGISTRY:
+        raise UsageError(f"unknown intervention {args.name!r}; available: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[args.name]
+    if not callable(getattr(cls, "calibrate", None)):
+        can = sorted(n for n, c in REGISTRY.items() if callable(getattr(c, "calibrate", None)))
+        raise UsageError(f"intervention {args.name!r} needs no calibration (it has no calibrate()); interventions "
+                         f"that can be calibrated: {', '.join(can) or 'none registered yet'}")
+    if args.data is None or not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data!r} is not a directory")
+    samples = load_samples(_benchmark(args, Path(args.data)))
+    model, processor = load_model_and_processor(args.model, dtype=args.dtype, device_map=_device_map(args.device))
+    result = cls.calibrate(model, processor, samples, Path(args.out))
+    print(f"calibrated {args.name} on {len(samples)} samples -> {args.out}")
+    return 0 if result is None or result is not False else 1
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -18,12 +226,83 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     for cls in supported_classes():
         print(f"  {cls}")
+    print("benchmarks:")
+    try:
+        from attnkit.eval.benchmarks import BENCHMARKS
+    except ImportError as e:
+        print(f"  (unavailable: {e})")
+        return 0
+    for name, cls in sorted(BENCHMARKS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"  {name:<12} primary metric {cls.primary_metric}; {doc}")
     return 0
 
 
+# --- parser --------------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, or map "
+                                                    "(device_map='auto': one model over several GPUs)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local model folder (default with --data unset: the embedded demo model)")
+    p.add_argument("--bench", default="pope", help="benchmark name (see `attnkit list`; default pope)")
+    p.add_argument("--data", help="benchmark data folder (published format)")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>); rerunning resumes")
+    p.add_argument("--limit", type=int, help="first N samples of each split")
+    p.add_argument("--splits", help="comma-separated splits (default: all found)")
+    p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="benchmark option, e.g. image_dir=/data/coco/val2014 (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", choices=["4bit", "8bit"], help="bitsandbytes quantization")
+    p.add_argument("--retry-errors", action="store_true", help="redo samples recorded as errors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots in the report")
+    _add_model_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="attnkit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="compare the baseline with interventions on a benchmark")
+    _add_run_args(p)
+    p.add_argument("--compare", nargs="+", metavar="CONFIG",
+                   help='"baseline", specs like "cls-prune:keep=64", or several joined by ";" (baseline is '
+                        "always included)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("ablate", help="sweep intervention parameters (a grid, plus the baseline)")
+    _add_run_args(p)
+    p.add_argument("--sweep", action="append", required=True, metavar="SPEC",
+                   help='"cls-prune:keep=32,64,128"; several keys or several --sweep: cartesian product')
+    p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("inspect", help="attention heatmaps of a prompt over an image (PNG)")
+    p.add_argument("--model", help="local model folder (default: the embedded demo model)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--layers", help="decoder layers, e.g. 0+5+10 (default: all)")
+    p.add_argument("--with", dest="with_", metavar="CONFIG", help="interventions active while recording")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("calibrate", help="precompute what an intervention needs (e.g. head scores)")
+    p.add_argument("name", help="intervention name")
+    p.add_argument("--model", required=True)
+    p.add_argument("--bench", default="pope")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--splits")
+    p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_calibrate)
+
     p = sub.add_parser("list", help="registered interventions, supported models, benchmarks")
     p.set_defaults(func=_cmd_list)
     return parser
@@ -31,7 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nattnkit: interrupted; finished samples are saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, LookupError, ImportError) as e:
+        if os.environ.get("ATTNKIT_DEBUG"):
+            raise
+        print(f"attnkit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -425,6 +425,6 @@ def amber_discriminative(truths: Sequence[YesNo], preds: Sequence[YesNo | None])
     positive class** (precision = right "no" answers / "no" answers, recall = right "no" answers / "no" truths).
     An unparsed answer (None) is wrong and is not a "no" answer. F1 is 2PR/(P+R) (the script adds 1e-4 to the
     denominator)."""
-    filled = ["unparsed" if p is None else p for p in preds]
-    counts = confusion(truths, filled, positive="no")
-    return {**counts.metrics(), "n": counts.n, "n_unparsed": sum(p is None for p in preds)}
+    counts = confusion(truths, preds, positive="no")
+    accuracy = _div(sum(p == t for p, t in zip(preds, truths, strict=True)), len(truths))  # None is never right
+    return {**counts.metrics(), "accuracy": accuracy, "n": counts.n, "n_unparsed": sum(p is None for p in preds)}

@@ -162,7 +162,9 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     q_len = query.shape[2] if q_len is None else q_len
     n_rep = query.shape[1] // key.shape[1]
     k = repeat_kv(key, n_rep)
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    # the product in the model's dtype (as eager attention does), the mask and softmax in float32: a float32
+    # finfo.min mask would turn into -inf in bf16 and fully masked (padding) rows into NaN
+    scores = (torch.matmul(query, k.transpose(2, 3)) * scaling).float()
     rows = slice(row_offset, row_offset + query.shape[2])
-    scores = scores + additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device).to(scores.dtype)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    scores = scores + additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device)
+    return torch.softmax(scores, dim=-1)

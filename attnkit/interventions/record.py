@@ -52,7 +52,7 @@ class Record(Intervention):
         last = None
         for rows, p in call.iter_probs():
             share = (p * visual[:, None, None, :].float()).sum(-1)            # [B, H, r]
-            total += (share * text[:, None, rows].float()).sum(-1)
+            total += torch.where(text[:, None, rows], share, 0.0).sum(-1)
             if rows.stop == call.q_len:
                 last = p[:, :, -1, :]                                          # [B, H, kv]
         n_text = text.sum(-1).float()[:, None]

@@ -133,7 +133,8 @@ def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BenchmarkFormatError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=lineno) from None
+                raise BenchmarkFormatError(path, f"invalid JSON: {e.msg} (character {e.pos + 1})", line=lineno
+                                           ) from None
             if not isinstance(obj, dict):
                 raise BenchmarkFormatError(path, f"expected a JSON object, got {type(obj).__name__}", line=lineno)
             yield lineno, obj
@@ -151,3 +152,15 @@ def require(obj: Mapping, key: str, kind: type | tuple[type, ...], path: Path, l
     if isinstance(value, str) and not value.strip():
         raise BenchmarkFormatError(path, "must not be empty", line=line, field=key)
     return value
+
+
+def find_image_dir(data_dir: Path, image_dir: str | Path | None, candidates: Sequence[str] = ("images", "val2014")
+                   ) -> Path:
+    """The explicit ``image_dir`` (as given, like any command-line path), else the first existing candidate
+    folder in ``data_dir``, else ``data_dir`` itself."""
+    if image_dir is not None:
+        return Path(image_dir)
+    for name in candidates:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    return data_dir

@@ -19,6 +19,7 @@ from attnkit.eval.benchmarks.base import (
     Benchmark,
     BenchmarkFormatError,
     Sample,
+    find_image_dir,
     read_json_lines,
     require,
 )
@@ -26,18 +27,6 @@ from attnkit.eval.metrics import parse_yes_no, pope_metrics
 
 _SPLIT_ORDER = ("random", "popular", "adversarial")
 _FILE = re.compile(r"^(?P<dataset>.+)_pope_(?P<split>[A-Za-z0-9-]+)\.jsonl?$")
-
-
-def find_image_dir(data_dir: Path, image_dir: str | Path | None, candidates: Sequence[str] = ("images", "val2014")
-                   ) -> Path:
-    """The explicit ``image_dir`` (relative to ``data_dir`` when relative), else the first existing candidate."""
-    if image_dir is not None:
-        path = Path(image_dir)
-        return path if path.is_absolute() else data_dir / path
-    for name in candidates:
-        if (data_dir / name).is_dir():
-            return data_dir / name
-    return data_dir
 
 
 class PopeBenchmark(Benchmark):
