@@ -138,6 +138,11 @@ def wrap(model: torch.nn.Module, *interventions: Intervention | str) -> Handle:
     for name in set(names):
         if names.count(name) > 1:
             raise ValueError(f"intervention {name!r} given {names.count(name)} times; give it once")
+    for i, a in enumerate(built):
+        for b in built[i + 1:]:
+            reason = a.conflicts_with(b) or b.conflicts_with(a)
+            if reason:
+                raise ValueError(f"{a.name} and {b.name} cannot be combined: {reason}")
     return Handle(model, built)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "fastv:k=2,keep=0.5", "var", "vhr", "mma")
 DEMO_BENCH = "pope"
 DEMO_LIMIT = 10          # per POPE split: 30 questions per config
+DEMO_BENCH_OPTIONS = {"prompt_suffix": ""}      # the demo model was trained on the bare questions
 DEFAULT_OUT = "attnkit_runs"
 
 
@@ -93,7 +94,11 @@ def _demo():
     except ImportError as e:
         raise UsageError(f"the embedded demo (attnkit.synth.demo) is not available in this install ({e}); "
                          "pass --model PATH --data DIR") from None
-    return Path(demo_model_path()), Path(demo_data_path())
+    model, data = Path(demo_model_path()), Path(demo_data_path())
+    if not (model / "config.json").is_file():
+        raise UsageError(f"the embedded demo model is missing from this install ({model}); build it with "
+                         "`python scripts/train_demo.py` or pass --model PATH --data DIR")
+    return model, data
 
 
 def demo_configs() -> list[str]:
@@ -115,11 +120,12 @@ def _bench_options(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _benchmark(args: argparse.Namespace, data: Path):
+def _benchmark(args: argparse.Namespace, data: Path, defaults: dict | None = None):
     from attnkit.eval.benchmarks import get_benchmark
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
-    return get_benchmark(args.bench, data, splits=splits, limit=args.limit, **_bench_options(args.bench_option))
+    options = {**(defaults or {}), **_bench_options(args.bench_option)}
+    return get_benchmark(args.bench, data, splits=splits, limit=args.limit, **options)
 
 
 def _run(args: argparse.Namespace, configs: list[str]) -> int:
@@ -142,7 +148,7 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
         configs = demo_configs() if args.model is None else ["baseline"]
     if "baseline" not in configs:
         configs = ["baseline", *configs]
-    bench = _benchmark(args, data)
+    bench = _benchmark(args, data, DEMO_BENCH_OPTIONS if args.model is None else None)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / bench.name
     settings = runner.RunSettings(str(model), max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype,
                                   quantization=args.quant)

@@ -164,7 +164,7 @@ def tiny_processor(family: str, size: TinySize | None = None):
 
         from transformers import Qwen2VLImageProcessorPil
 
-        ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=4096, patch_size=4, merge_size=2,
+        ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=(2 * s.image) ** 2, patch_size=4, merge_size=2,
                                    temporal_patch_size=2)
         return qwen_image_processor_class(family)(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")

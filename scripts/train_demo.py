@@ -5,10 +5,10 @@ caption embeddings (InfoNCE over the batch, CLIP-style) plus a sigmoid loss agai
 category embeddings (SigLIP-style), so [CLS] has to gather the objects from the patches. A dense
 sigmoid loss aligns each patch of the feature layer (-2) with the categories whose box covers it
 (region-text alignment); it makes the patches the LLM sees informative within the CPU budget.
-Stage B trains projector + language model (vision tower frozen) on multi-turn conversations: a
-caption turn and balanced yes/no turns whose negatives are random, popular or co-occurring
-categories. Data are drawn from the seed-0 world by index, so a run is reproducible and
-resumes from its last checkpoint.
+Stage B trains projector + language model (vision tower at a low learning rate) on multi-turn
+conversations: a caption turn and balanced yes/no turns whose negatives are random, popular or
+co-occurring categories. Data are drawn from the seed-0 world by index, so a run is reproducible
+and resumes from its last checkpoint (``--b-steps`` equal to the checkpoint's step just saves it).
 
     python scripts/train_demo.py --out attnkit/assets/demo/model --work runs/demo_train
 """
@@ -43,10 +43,12 @@ class TrainConfig:
     b_steps: int = 400
     b_batch: int = 16
     b_lr: float = 1e-3
-    qa_turns: int = 6
+    b_vision_lr: float = 2e-4     # 0 freezes the vision tower in stage B
+    qa_turns: int = 8
+    suffix_prob: float = 0.25
     caption_prob: float = 0.7
     threads: int = 2
-    ckpt_every: int = 100
+    ckpt_every: int = 50
 
 
 def pixels(images, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,8 @@ class Conversations:
     def sample(self, index: int) -> tuple[list[int], list[int]]:
         rng = np.random.default_rng([self.cfg.seed, index, 7])
         scene = self.world.scene(index)
-        turns = question_answers(scene, rng, self.stats.cooccur, self.stats.frequency, n=self.cfg.qa_turns)
+        turns = question_answers(scene, rng, self.stats.cooccur, self.stats.frequency, n=self.cfg.qa_turns,
+                                 suffix_prob=self.cfg.suffix_prob)
         if rng.random() < self.cfg.caption_prob:
             turns.append((CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))], caption(scene)))
         order = rng.permutation(len(turns))
@@ -175,9 +178,13 @@ class Conversations:
 def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, mean, std) -> None:
     conv = Conversations(processor, world, cfg)
     tower = model.model.vision_tower
-    tower.requires_grad_(False)
-    rest = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(rest, lr=cfg.b_lr, weight_decay=0.0)
+    tower.requires_grad_(cfg.b_vision_lr > 0)
+    vision_ids = {id(p) for p in tower.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    groups = [{"params": rest, "base": cfg.b_lr}]
+    if cfg.b_vision_lr > 0:
+        groups.append({"params": list(tower.parameters()), "base": cfg.b_vision_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.b_lr, weight_decay=0.0)
     ckpt, start = work / "stage_b.pt", 0
     if ckpt.exists():
         state = torch.load(ckpt)
@@ -186,12 +193,12 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
         start = state["step"]
         print(f"[B] resumed at step {start}", flush=True)
     model.train()
-    tower.eval()
-    t0 = time.time()
+    tower.train(cfg.b_vision_lr > 0)
+    t0, recent = time.time(), []
     offset = 1_000_000  # scene indices disjoint from stage A's
     for step in range(start, cfg.b_steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.b_lr * cosine_lr(step, cfg.b_steps)
+            g["lr"] = g["base"] * cosine_lr(step, cfg.b_steps)
         idx = [offset + step * cfg.b_batch + i for i in range(cfg.b_batch)]
         samples = [conv.sample(i) for i in idx]
         n = max(len(s[0]) for s in samples)
@@ -204,8 +211,10 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        recent = [*recent[-19:], loss.item()]
         if step % 20 == 0 or step == cfg.b_steps - 1:
-            print(f"[B] step {step}/{cfg.b_steps} loss {loss.item():.4f} len {n} {time.time() - t0:.0f}s", flush=True)
+            print(f"[B] step {step}/{cfg.b_steps} loss {np.mean(recent):.4f} len {n} {time.time() - t0:.0f}s",
+                  flush=True)
         if (step + 1) % cfg.ckpt_every == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
 

@@ -21,7 +21,7 @@ from attnkit.eval.metrics import (
 )
 
 
-# -- yes/no parsing -------------------------------------------------------------------------------------------------
+# -- yes/no parsing ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [
     ("Yes", "yes"),
     ("No.", "no"),
@@ -49,7 +49,7 @@ def test_parse_mme_answer_uses_first_four_characters(text, expected):
     assert parse_mme_answer(text) == expected
 
 
-# -- POPE -------------------------------------------------------------------------------------------------------------
+# -- POPE --------------------------------------------------------------------------------------------------------------
 LABELS = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
 PREDS = ["yes", "no", "yes", "yes", "no", "no", None, "yes"]
 
@@ -80,7 +80,7 @@ def test_pope_yes_ratio_is_of_predictions_not_ground_truth():
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)  # no division error
 
 
-# -- MME ----------------------------------------------------------------------------------------------------------------
+# -- MME ---------------------------------------------------------------------------------------------------------------
 def test_mme_scores_acc_plus_and_totals():
     results = [
         MMEResult("existence", "a.jpg", "yes", "yes"),
@@ -104,7 +104,7 @@ def test_mme_scores_acc_plus_and_totals():
     assert (m["perception_subtasks"], m["cognition_subtasks"]) == (2, 1)
 
 
-# -- CHAIR ----------------------------------------------------------------------------------------------------------------
+# -- CHAIR -------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def extractor() -> CaptionObjectExtractor:
     return CaptionObjectExtractor()
@@ -140,6 +140,12 @@ def test_extractor_phrases_and_rules(extractor, caption, expected):
     assert [m.category for m in extractor(caption).mentions] == expected
 
 
+def test_extractor_with_custom_synonyms():
+    extract = CaptionObjectExtractor({"dog": ["hound"], "traffic cone": ["cone", "pylon"]})
+    assert [m.category for m in extract("Hounds near traffic cones and a pylon, but no cat.").mentions] == [
+        "dog", "traffic cone", "traffic cone"]
+
+
 def test_singularize_prefers_vocabulary():
     vocab = {"bus", "phone", "phon", "skis", "glass", "pony", "knife"}
     assert [singularize(w, vocab) for w in ("buses", "phones", "skis", "glasses", "ponies", "knives", "men")] == [
@@ -166,7 +172,7 @@ def test_chair_metrics_without_mentions_is_zero_not_an_error():
     assert (m["chair_s"], m["chair_i"], m["recall"]) == (0.0, 0.0, 0.0)
 
 
-# -- AMBER ----------------------------------------------------------------------------------------------------------------
+# -- AMBER -------------------------------------------------------------------------------------------------------------
 ASSOCIATION = {"dog": [], "cat": [], "grass": ["ground"], "tree": ["forest", "leave", "bush"], "ball": [],
                "man": ["person", "people", "boy"], "umbrella": [], "sky": [], "car": ["vehicle"], "sun": [],
                "light": [], "can": [], "watch": []}

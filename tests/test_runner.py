@@ -53,7 +53,18 @@ class FakeBench:
         return {"match": match, "length": length, "n": float(len(scored))}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runner")
     testing.save_tiny("llava", root / "model")
@@ -63,14 +74,14 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(tiny_dir):
     from attnkit.eval.loading import load_model_and_processor
 
     return load_model_and_processor(tiny_dir / "model")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, loaded, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     results = _evaluate(tiny_dir, loaded, out)

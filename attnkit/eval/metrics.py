@@ -25,7 +25,7 @@ def _f1(precision: float, recall: float) -> float:
     return _div(2 * precision * recall, precision + recall)
 
 
-# -- yes/no answers ----------------------------------------------------------------------------------------------
+# -- yes/no answers ----------------------------------------------------------------------------------------------------
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -112,7 +112,7 @@ def pope_metrics(labels: Sequence[YesNo], preds: Sequence[YesNo | None], unparse
             "n_unparsed": sum(p is None for p in preds)}
 
 
-# -- MME ------------------------------------------------------------------------------------------------------------
+# -- MME ---------------------------------------------------------------------------------------------------------------
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -151,29 +151,31 @@ def mme_scores(results: Iterable[MMEResult]) -> dict[str, float]:
     return out
 
 
-# -- words -----------------------------------------------------------------------------------------------------------
+# -- words -------------------------------------------------------------------------------------------------------------
 _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
               "geese": "goose", "feet": "foot", "teeth": "tooth", "oxen": "ox", "knives": "knife", "wives": "wife",
-              "leaves": "leaf", "loaves": "loaf", "dice": "die", "gentlemen": "gentleman", "policemen": "policeman",
+              "dice": "die", "gentlemen": "gentleman", "policemen": "policeman",
               "firemen": "fireman", "fishermen": "fisherman", "businessmen": "businessman", "cacti": "cactus"}
 # Tried in order against a vocabulary: plain "-s" first so "phones" is "phone" (not the synonym-list typo "phon").
 _SUFFIXES = (("s", ""), ("es", ""), ("ies", "y"), ("ves", "f"), ("ves", "fe"))
 
 
 def singularize(word: str, vocabulary: Collection[str] = ()) -> str:
-    """Rule-based singular of a lowercase word (no NLTK). A word already in ``vocabulary`` is kept (so "skis",
-    "people", "scissors" stay); otherwise the first candidate from the irregular table and the suffix rules that
-    is in ``vocabulary`` wins; without a vocabulary hit the irregular form or the last applicable rule is used."""
-    if word in vocabulary or (len(word) <= 3 and word not in _IRREGULAR):
+    """Rule-based singular of a lowercase word (no NLTK). A word in ``vocabulary`` is kept (so "skis", "people",
+    "scissors" stay); irregular plurals come from a table ("men" -> "man"); otherwise the first suffix rule whose
+    result is in ``vocabulary`` wins, and without a hit the word is returned unchanged (with an empty vocabulary
+    the usual English rule is applied instead)."""
+    if word in vocabulary:
         return word
-    candidates = [_IRREGULAR[word]] if word in _IRREGULAR else []
-    candidates += [word[: -len(suffix)] + repl for suffix, repl in _SUFFIXES
-                   if word.endswith(suffix) and not word.endswith("ss") and len(word) - len(suffix) >= 2]
-    for cand in candidates:
-        if cand in vocabulary:
-            return cand
-    if not vocabulary and candidates:
-        return candidates[0] if word in _IRREGULAR else _default_singular(word)
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or word.endswith("ss"):
+        return word
+    if not vocabulary:
+        return _default_singular(word)
+    for suffix, repl in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 2 and word[: -len(suffix)] + repl in vocabulary:
+            return word[: -len(suffix)] + repl
     return word
 
 
@@ -189,7 +191,7 @@ def tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-# -- CHAIR ------------------------------------------------------------------------------------------------------------
+# -- CHAIR -------------------------------------------------------------------------------------------------------------
 SYNONYMS_RESOURCE = ("attnkit", "assets/eval/coco_synonyms.txt")
 
 
@@ -309,7 +311,7 @@ def chair_metrics(mentions: Sequence[Sequence[str]], gt_objects: Sequence[Collec
         n_mentions += len(said)
         n_hallucinated += wrong
         n_hallucinated_caps += wrong > 0
-        covered += len(set(said) & gt)
+        covered += len(set(said))
         n_gt += len(gt)
     n = len(mentions)
     out = {"chair_s": _div(n_hallucinated_caps, n), "chair_i": _div(n_hallucinated, n_mentions),

@@ -81,17 +81,29 @@ def markdown(summary: Mapping[str, Any]) -> str:
                                direction(primary, hib), is_base))
         cells += [_cell(r["costs"].get(k), base["costs"].get(k), False, is_base) for k, _ in COSTS]
         lines.append(_row(cells))
-    if len(metrics) > 1:
+    shown = detail_metrics(metrics, primary)
+    if len(shown) > 1:
         lines += ["", "| metric | " + " | ".join(r["config"] for r in results) + " |",
                   _row(["---"] * (len(results) + 1))]
-        for m in metrics:
+        for m in shown:
             hb = direction(m, hib)
             cells = [f"{m} {_hint(hb)}".rstrip()]
             cells += [_cell(r["metrics"].get(m), base["metrics"].get(m), hb, r is base) for r in results]
             lines.append(_row(cells))
     lines += ["", f"{BETTER} better / {WORSE} worse than {base['config']}; ↑/↓ in a header: higher/lower is better. "
-              f"Costs are means per sample; peak memory is the max ({summary.get('memory', 'n/a')})."]
+              f"Costs are means per sample; peak memory is the max ({summary.get('memory', 'n/a')}). "
+              "All metrics per split are in summary.json."]
     return "\n".join(lines) + "\n"
+
+
+def detail_metrics(metrics: Sequence[str], primary: str | None) -> list[str]:
+    """The overall metrics (no ``/``) and the primary metric per split; all of them if none is overall.
+    Every metric is in ``summary.json``."""
+    overall = [m for m in metrics if "/" not in m]
+    if not overall:
+        return list(metrics)
+    leaf = (primary or "").rsplit("/", 1)[-1]
+    return overall + [m for m in metrics if "/" in m and m.rsplit("/", 1)[-1] == leaf]
 
 
 def _hint(higher_better: bool | None) -> str:
@@ -169,3 +181,93 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any] | None = None, 
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     (out_dir / "report.md").write_text(text)
     return text
+
+
+# --- attention maps (``attnkit inspect``) --------------------------------------------------------
+def visual_grid(family: str, config, inputs: Mapping[str, Any], n_visual: int) -> tuple[int, int] | None:
+    """(rows, cols) of the first ``rows * cols`` visual tokens on the image, or None if unknown.
+
+    LLaVA-1.5: a square grid of patches; LLaVA-NeXT: the base-crop block of (image/patch)² tokens, which
+    comes first; Qwen-VL: (h/m, w/m) from ``image_grid_thw`` and the merge size m.
+    """
+    if family in ("qwen2_vl", "qwen2_5_vl") and inputs.get("image_grid_thw") is not None:
+        _, h, w = (int(x) for x in inputs["image_grid_thw"][0])
+        m = config.vision_config.spatial_merge_size
+        return (h // m, w // m) if (h // m) * (w // m) <= n_visual else None
+    if family == "llava_next":
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return (side, side) if side * side <= n_visual else None
+    side = math.isqrt(n_visual)
+    return (side, side) if side * side == n_visual and side > 0 else None
+
+
+def attention_maps(model, processor, image, prompt: str, layers: Sequence[int] | None = None,
+                   extra: Sequence[str] = ()) -> tuple[dict[int, Any], str]:
+    """Per decoder layer, the last prompt token's attention over the visual tokens, mean over heads, as a
+    [rows, cols] numpy grid (1 × V when the layout is unknown, e.g. after pruning); and the model family.
+
+    From the ``record`` intervention's ``last_query`` maps ([H, V] per layer), recorded in one forward pass.
+    """
+    import torch
+
+    from attnkit.api import intervene
+    from attnkit.eval.runner import build_inputs
+    from attnkit.interventions import Record
+
+    inputs = build_inputs(processor, prompt, image).to(model.device)
+    rec = Record(layers=tuple(layers) if layers is not None else None)
+    with intervene(model, rec, *extra) as handle, torch.inference_mode():
+        model(**inputs)
+        family = handle.adapter.family
+    grids = {}
+    for layer, per_sample in sorted(rec.last_query.items()):
+        weights = per_sample[0].float().mean(0)                      # [V]
+        shape = visual_grid(family, model.config, inputs, weights.numel())
+        if shape is None:
+            grids[layer] = weights[None].numpy()
+        else:
+            grids[layer] = weights[: shape[0] * shape[1]].reshape(shape).numpy()
+    return grids, family
+
+
+def save_attention_maps(model, processor, image, prompt: str, out_dir: str | Path,
+                        layers: Sequence[int] | None = None, extra: Sequence[str] = ()) -> list[Path]:
+    """``layerNN.png`` (heatmap over the image) per layer, ``mean.png`` over layers, ``attention.json`` (raw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grids, family = attention_maps(model, processor, image, prompt, layers, extra)
+    if not grids:
+        raise ValueError("nothing recorded: the prompt has no visual tokens (is the image token in the template?)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = _center_square(image) if family == "llava" else image
+    paths = []
+    items = list(grids.items())
+    if len({g.shape for g in grids.values()}) == 1:
+        items.append(("mean", np.mean(np.stack(list(grids.values())), axis=0)))
+    for layer, grid in items:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        if grid.shape[0] > 1:
+            ax.imshow(shown)
+            ax.imshow(grid, cmap="jet", alpha=0.5, extent=(0, shown.width, shown.height, 0), interpolation="bilinear")
+        else:
+            ax.imshow(grid, cmap="jet", aspect="auto")
+        ax.set_axis_off()
+        where = "mean over layers" if layer == "mean" else f"layer {layer}"
+        ax.set_title(f"{where}: last prompt token → image (head mean)", fontsize=8)
+        name = "mean.png" if layer == "mean" else f"layer{layer:02d}.png"
+        paths.append(_save(fig, out_dir / name))
+    raw = {"family": family, "prompt": prompt, "layers": {str(k): v.tolist() for k, v in grids.items()}}
+    (out_dir / "attention.json").write_text(json.dumps(raw))
+    return paths
+
+
+def _center_square(image):
+    """The center crop LLaVA-1.5's CLIP processor shows the vision tower."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))

@@ -13,7 +13,7 @@ Data-parallel (``accelerate launch``): each process takes ``samples[rank::world]
 Costs per row: ``visual_tokens`` (``visual_tokens_kept`` from an intervention's stats if one reports it, else
 the handle's count), ``prefill_ms``, ``decode_ms_per_token`` (generate's wall time after prefill / decode
 steps), ``peak_mem_mb``: CUDA ``max_memory_allocated`` on GPU; on CPU the peak increase of the process RSS
-during ``generate()`` (``/proc/self/statm`` polled every 2 ms; a lower bound, includes allocator reuse).
+during ``generate()`` (``/proc/self/statm`` polled every 20 ms; a lower bound, includes allocator reuse).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def write_rows(path: Path, rows: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _repair(path: Path, drop_errors: bool) -> None:
+def repair_jsonl(path: Path, drop_errors: bool) -> None:
     """Rewrite ``path`` without a torn last line (and without error rows if asked), so appends start clean."""
     if not path.exists():
         return
@@ -221,7 +221,7 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     peak, stop = [start], threading.Event()
 
     def poll():
-        while not stop.wait(0.002):
+        while not stop.wait(0.02):
             peak[0] = max(peak[0], _rss_bytes() or 0)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -357,7 +357,7 @@ def run_config(model, processor, bench, samples: Sequence, config: str, out_dir:
     mine = shard.path(main)
     if shard.rank == 0:
         _write_meta(main, key)
-    _repair(mine, drop_errors=retry_errors)
+    repair_jsonl(mine, drop_errors=retry_errors)
     done = {r["id"] for r in merge_rows([read_rows(p) for p in [main, *shard_paths(main)]])
             if not (retry_errors and "error" in r)}
     todo = [s for s in shard.take(samples) if s.id not in done]
@@ -365,6 +365,8 @@ def run_config(model, processor, bench, samples: Sequence, config: str, out_dir:
     handle = attnkit.wrap(model, *split_specs(key.config))
     writer = RowWriter(mine)
     try:
+        if todo:
+            _warm_up(model, processor, handle, todo[0], settings.seed)
         bar = tqdm(todo, desc=f"{bench.name} {key.config}", disable=not progress, leave=False)
         for sample in bar:
             row: dict[str, Any] = {"id": sample.id, "split": sample.split, "config": key.digest()}
@@ -380,6 +382,15 @@ def run_config(model, processor, bench, samples: Sequence, config: str, out_dir:
         writer.close()
         handle.remove()
     return main
+
+
+def _warm_up(model, processor, handle, sample, seed: int) -> None:
+    """One short unrecorded generate per config, so that first-call costs (allocations, kernel selection, lazy
+    initialisation of an intervention) do not land on whichever config runs first."""
+    try:
+        generate_one(model, processor, handle, sample, 2, seed)
+    except Exception:  # noqa: BLE001 - the real attempt records the error
+        pass
 
 
 def _budget(bench, sample) -> int:

@@ -80,8 +80,14 @@ class AttentionCall:
 
     ``query`` [B, H, q, D]; ``key``/``value`` [B, H_kv, kv, D] (GQA not expanded); ``mask`` whatever the
     base implementation receives (None, bool or additive 4-D, or a flash 2-D padding mask).
-    Interventions read probabilities row-chunk by row-chunk with :meth:`iter_probs`, or replace the
-    result by setting :attr:`output` ([B, q, H, D], the per-head outputs before ``o_proj``).
+
+    Interventions either read (``iter_probs``) or register edits, applied in registration order when
+    the call finishes:
+    - ``edit_scores(fn)``: ``fn(rows, scores) -> scores`` on the masked logits [B, H, r, kv] (float32);
+    - ``edit_probs(fn)``: ``fn(rows, probs) -> probs`` on the softmax output [B, H, r, kv] (float32);
+    - ``edit_output(fn)``: ``fn(out) -> out`` on the per-head outputs [B, q, H, D] (before ``o_proj``).
+    Score/probability edits make the layer compute attention eagerly, in chunks of query rows;
+    output edits alone keep the model's own implementation.
     """
 
     def __init__(self, module, hook: LayerHook, query, key, value, mask, base_fn, kwargs):
@@ -91,7 +97,9 @@ class AttentionCall:
         self.query, self.key, self.value, self.mask = query, key, value, mask
         self.base_fn = base_fn
         self.kwargs = kwargs
-        self.output: torch.Tensor | None = None
+        self._score_edits: list[Callable] = []
+        self._prob_edits: list[Callable] = []
+        self._output_edits: list[Callable] = []
 
     @property
     def scaling(self) -> float:
@@ -110,17 +118,48 @@ class AttentionCall:
     def is_prefill(self) -> bool:
         return self.state.step == 0
 
+    def edit_scores(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> None:
+        self._score_edits.append(fn)
+
+    def edit_probs(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> None:
+        self._prob_edits.append(fn)
+
+    def edit_output(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._output_edits.append(fn)
+
     def iter_probs(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield ``(rows, probs)``: softmax probabilities [B, H, len(rows), kv] in float32, as eager computes them."""
+        """Yield ``(rows, probs)``: unedited probabilities [B, H, len(rows), kv] in float32, as eager computes them."""
         for start in range(0, self.q_len, chunk):
             rows = slice(start, min(start + chunk, self.q_len))
             yield rows, attention_probs(self.query[:, :, rows], self.key, self.mask, self.scaling,
                                         row_offset=start, q_len=self.q_len)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.output is not None:
-            return self.output, None
-        return self.base_fn(self.module, self.query, self.key, self.value, self.mask, **self.kwargs)
+        if self._score_edits or self._prob_edits:
+            out = self._eager_with_edits()
+        else:
+            out = self.base_fn(self.module, self.query, self.key, self.value, self.mask, **self.kwargs)[0]
+        for fn in self._output_edits:
+            out = fn(out)
+        return out, None
+
+    def _eager_with_edits(self, chunk: int | None = None) -> torch.Tensor:
+        chunk = chunk or ROW_CHUNK
+        value = repeat_kv(self.value, self.query.shape[1] // self.value.shape[1])
+        key = repeat_kv(self.key, self.query.shape[1] // self.key.shape[1])
+        parts = []
+        for start in range(0, self.q_len, chunk):
+            rows = slice(start, min(start + chunk, self.q_len))
+            scores = (torch.matmul(self.query[:, :, rows], key.transpose(2, 3)) * self.scaling).float()
+            scores = scores + additive_mask(self.mask, self.q_len, self.kv_len, rows, self.query.shape[0],
+                                            self.query.device)
+            for fn in self._score_edits:
+                scores = fn(rows, scores)
+            probs = torch.softmax(scores, dim=-1)
+            for fn in self._prob_edits:
+                probs = fn(rows, probs)
+            parts.append(torch.matmul(probs.to(value.dtype), value))
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

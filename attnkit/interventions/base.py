@@ -45,6 +45,7 @@ class Intervention:
     - ``attach(ctx)``: at ``wrap()``; check the model, install hooks through ``ctx.installed``.
     - ``attention_layers(ctx)``: decoder layers whose attention calls go to ``on_attention``.
     - ``on_attention(call)``: read or edit one attention call of such a layer.
+    - ``conflicts_with(other)``: a reason why the two cannot be combined, or None.
     - ``reset()``: at each prefill (a new ``generate()``/forward on a fresh cache).
     - ``stats()``: what it did in the last forward/generate.
     """
@@ -69,6 +70,10 @@ class Intervention:
 
     def on_attention(self, call: AttentionCall) -> None:
         pass
+
+    def conflicts_with(self, other: Intervention) -> str | None:
+        """Why this cannot be installed together with ``other`` (checked both ways at ``wrap()``), or None."""
+        return None
 
     def reset(self) -> None:
         pass

@@ -54,7 +54,7 @@ def pope_questions(scenes: list[Scene], stats: WorldStats, split: str, per_image
             neg = [c for c in stats.popular() if c not in present][:k]
         else:
             neg = [c for c in stats.cooccurring(present) if c not in present][:k]
-        for p, n in zip(pos, neg):
+        for p, n in zip(pos, neg, strict=True):
             for obj, label in ((p, "yes"), (n, "no")):
                 rows.append({"question_id": len(rows) + 1, "image": image_name(scene, prefix),
                              "text": POPE_QUESTION.format(obj), "label": label})

@@ -25,7 +25,7 @@ def caption(scene: Scene) -> str:
 
 
 def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, dict[str, float]],
-                     frequency: dict[str, float], n: int = 2) -> list[tuple[str, str]]:
+                     frequency: dict[str, float], n: int = 2, suffix_prob: float = 0.5) -> list[tuple[str, str]]:
     """``n`` balanced (question, "yes"/"no") pairs; negatives are random, popular or co-occurring (1/3 each)."""
     present = scene.categories
     absent = [c.name for c in CATEGORIES if c.name not in present]
@@ -42,7 +42,7 @@ def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, 
         else:
             w = np.array([sum(cooccur[p].get(a, 0.0) for p in present) for a in absent]) + 1e-3
         out.append((absent[rng.choice(len(absent), p=w / w.sum())], "no"))
-    return [(POPE_QUESTION.format(c) + (POPE_SUFFIX if rng.random() < 0.5 else ""), a) for c, a in out]
+    return [(POPE_QUESTION.format(c) + (POPE_SUFFIX if rng.random() < suffix_prob else ""), a) for c, a in out]
 
 
 def vocabulary() -> list[str]:

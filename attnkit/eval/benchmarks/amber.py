@@ -25,6 +25,7 @@ from attnkit.eval.benchmarks.base import (
     BenchmarkFormatError,
     Sample,
     find_image_dir,
+    json_field,
     read_json,
 )
 from attnkit.eval.metrics import (
@@ -41,24 +42,13 @@ _DIMENSIONS = {"discriminative-hallucination": "existence", "discriminative-attr
 _SPLITS = ("generative", "discriminative")
 
 
-def _where(section: str, index: int, key: str) -> str:
-    return f"[{index}].{key}" if not section else f"{section}[{index}].{key}"
-
-
 def _get(item: Any, index: int, key: str, kind: type | tuple[type, ...], path: Path) -> Any:
-    if not isinstance(item, dict):
-        raise BenchmarkFormatError(path, f"must be an object, got {item!r}", field=f"[{index}]")
-    if key not in item:
-        raise BenchmarkFormatError(path, "is missing", field=_where("", index, key))
-    value = item[key]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise BenchmarkFormatError(path, f"has the wrong type: {value!r}", field=_where("", index, key))
-    return value
+    return json_field(item, key, kind, path, f"[{index}]")
 
 
 def _str_list(value: Any, index: int, key: str, path: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BenchmarkFormatError(path, f"must be a list of words, got {value!r}", field=_where("", index, key))
+        raise BenchmarkFormatError(path, f"must be a list of words, got {value!r}", field=f"[{index}].{key}")
     return value
 
 
@@ -127,13 +117,13 @@ class AmberBenchmark(Benchmark):
             qid, image, query = (_get(row, k, key, kind, path) for key, kind in
                                  (("id", int), ("image", str), ("query", str)))
             if qid not in annotations:
-                raise BenchmarkFormatError(path, f"{qid} has no entry in annotations.json", field=_where("", k, "id"))
+                raise BenchmarkFormatError(path, f"{qid} has no entry in annotations.json", field=f"[{k}].id")
             ann, index, ann_path = annotations[qid]
             kind = _get(ann, index, "type", str, ann_path)
             if split == "generative":
                 if kind != "generative":
                     raise BenchmarkFormatError(ann_path, f"must be 'generative' for a generative query, got {kind!r}",
-                                               field=_where("", index, "type"))
+                                               field=f"[{index}].type")
                 truth = _str_list(_get(ann, index, "truth", list, ann_path), index, "truth", ann_path)
                 hallu = _str_list(_get(ann, index, "hallu", list, ann_path), index, "hallu", ann_path)
                 samples.append(Sample(id=f"generative/{qid}", image=image_dir / image, question=query, answer=truth,
@@ -141,11 +131,11 @@ class AmberBenchmark(Benchmark):
             else:
                 if kind not in _DIMENSIONS:
                     raise BenchmarkFormatError(ann_path, f"must be one of {sorted(_DIMENSIONS)}, got {kind!r}",
-                                               field=_where("", index, "type"))
+                                               field=f"[{index}].type")
                 truth = _get(ann, index, "truth", str, ann_path).strip().lower()
                 if truth not in ("yes", "no"):
                     raise BenchmarkFormatError(ann_path, f"must be 'yes' or 'no', got {truth!r}",
-                                               field=_where("", index, "truth"))
+                                               field=f"[{index}].truth")
                 samples.append(Sample(id=f"discriminative/{qid}", image=image_dir / image,
                                       question=query + self.options["prompt_suffix"], answer=truth, split=split,
                                       meta={"amber_id": qid, "type": kind, "dimension": _DIMENSIONS[kind],

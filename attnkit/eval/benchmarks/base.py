@@ -58,11 +58,12 @@ class Benchmark:
         self.data_dir = Path(data_dir)
         self.splits = [splits] if isinstance(splits, str) else (list(splits) if splits is not None else None)
         self.limit = limit
-        self.options = {**self.default_options, **options}
+        self.options = {**self.default_options,
+                        **{k: _coerce(k, v, self.default_options[k]) for k, v in options.items()}}
         if "max_new_tokens" in self.options and self.options["max_new_tokens"] is not None:
             self.max_new_tokens = int(self.options["max_new_tokens"])  # instance override of the class default
 
-    # -- loading ---------------------------------------------------------------------------------------------
+    # -- loading -------------------------------------------------------------------------------------------------------
     def samples(self) -> list[Sample]:
         """Load and validate; deterministic order; ``limit`` = first N per split."""
         if not self.data_dir.is_dir():
@@ -93,7 +94,7 @@ class Benchmark:
         """Generation budget for one sample (AMBER mixes captions and yes/no questions)."""
         return int(sample.meta.get("max_new_tokens", self.max_new_tokens))
 
-    # -- scoring ---------------------------------------------------------------------------------------------
+    # -- scoring -------------------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample], predictions: Mapping[str, str]) -> dict[str, float]:
         raise NotImplementedError
 
@@ -113,7 +114,30 @@ class Benchmark:
         return None
 
 
-# -- file helpers used by the loaders ----------------------------------------------------------------------------
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Options may arrive as command-line strings ("n=200", "gt_captions=none", "prompt_suffix=\\nAnswer ...")."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() in ("none", "null"):
+        return None
+    if name.startswith("prompt"):
+        return value.replace("\\n", "\n")
+    if isinstance(default, bool):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"option {name}={value!r}: use true or false")
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(default, int) or (default is None and name in _INT_OPTIONS):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"option {name}={value!r}: expected an integer") from None
+    return value
+
+
+_INT_OPTIONS = ("n", "seed", "max_new_tokens", "yes_no_max_new_tokens")
+
+
+# -- file helpers used by the loaders ----------------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -146,11 +170,26 @@ def require(obj: Mapping, key: str, kind: type | tuple[type, ...], path: Path, l
         raise BenchmarkFormatError(path, "is missing", line=line, field=key)
     value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise BenchmarkFormatError(path, f"must be {names}, got {value!r}", line=line, field=key)
     if isinstance(value, str) and not value.strip():
         raise BenchmarkFormatError(path, "must not be empty", line=line, field=key)
+    return value
+
+
+def json_field(item: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
+    """``item[key]`` of one entry of a JSON file, present and of type ``kind`` (bool is not an int); ``where`` names
+    the entry in the error, e.g. "annotations[3]"."""
+    if not isinstance(item, dict):
+        raise BenchmarkFormatError(path, f"must be an object, got {item!r}", field=where)
+    if key not in item:
+        raise BenchmarkFormatError(path, "is missing", field=f"{where}.{key}")
+    value = item[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BenchmarkFormatError(path, f"must be {names}, got {value!r}", field=f"{where}.{key}")
     return value
 
 

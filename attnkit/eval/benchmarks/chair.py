@@ -2,12 +2,13 @@
 
 Reads COCO instance annotations (``instances_val2014.json`` style: ``images`` with ``id``/``file_name``,
 ``annotations`` with ``image_id``/``category_id``, ``categories`` with ``id``/``name``), found as the option
-``annotations`` or the one ``instances_*.json`` in ``data_dir`` or ``data_dir/annotations``. As in the original
-code, objects named in the reference captions (``captions_*.json`` next to it, option ``gt_captions``) are added to
-an image's ground truth when that file is present. Images to caption: the option ``image_list`` (a file with one
-COCO image id or file name per line; a relative path is tried in ``data_dir`` too), else every annotated image;
-``n`` draws that many with ``seed`` (sorted by id afterwards). Image files: ``image_dir``, ``<data_dir>/val2014/``,
-``<data_dir>/images/`` or ``data_dir``.
+``annotations`` or the one ``instances_*.json`` / ``*_instances.json`` in ``data_dir`` or ``data_dir/annotations``.
+As in the original code, objects named in the reference captions (the same name with "captions" for "instances",
+e.g. ``captions_val2014.json``; option ``gt_captions``) are added to an image's ground truth when that file is
+present. Synonyms: option ``synonyms``, else the one ``*synonyms.txt`` in ``data_dir``, else the shipped COCO list.
+Images to caption: the option ``image_list`` (a file with one COCO image id or file name per line; a relative path
+is tried in ``data_dir`` too), else every annotated image; ``n`` draws that many with ``seed`` (sorted by id
+afterwards). Image files: ``image_dir``, ``<data_dir>/val2014/``, ``<data_dir>/images/`` or ``data_dir``.
 """
 
 from __future__ import annotations
@@ -17,26 +18,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attnkit.eval.benchmarks.base import Benchmark, BenchmarkFormatError, Sample, find_image_dir, read_json
+from attnkit.eval.benchmarks.base import (
+    Benchmark,
+    BenchmarkFormatError,
+    Sample,
+    find_image_dir,
+    json_field,
+    read_json,
+)
 from attnkit.eval.metrics import CaptionObjectExtractor, chair_metrics, load_synonyms
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 
 
-def _check(value: Any, kind: type, path: Path, where: str) -> Any:
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise BenchmarkFormatError(path, f"must be {kind.__name__}, got {value!r}", field=where)
-    return value
-
-
-def _field(items: Any, index: int, key: str, kind: type, path: Path, section: str) -> Any:
-    item = items[index]
-    where = f"{section}[{index}].{key}"
-    if not isinstance(item, dict):
-        raise BenchmarkFormatError(path, f"must be an object, got {item!r}", field=f"{section}[{index}]")
-    if key not in item:
-        raise BenchmarkFormatError(path, "is missing", field=where)
-    return _check(item[key], kind, path, where)
+def _field(items: list, index: int, key: str, kind: type, path: Path, section: str) -> Any:
+    return json_field(items[index], key, kind, path, f"{section}[{index}]")
 
 
 def _section(data: Any, key: str, path: Path) -> list:
@@ -44,14 +40,17 @@ def _section(data: Any, key: str, path: Path) -> list:
         raise BenchmarkFormatError(path, "expected a COCO annotation object with images/annotations/categories")
     if key not in data:
         raise BenchmarkFormatError(path, "is missing", field=key)
-    return _check(data[key], list, path, key)
+    if not isinstance(data[key], list):
+        raise BenchmarkFormatError(path, f"must be a list, got {type(data[key]).__name__}", field=key)
+    return data[key]
 
 
 class ChairBenchmark(Benchmark):
     """Captioning hallucination: chair_s, chair_i (lower is better), recall, avg_len.
 
-    Options: ``annotations``, ``gt_captions`` ("auto", a path, or None to use instances only), ``synonyms`` (path;
-    default the shipped COCO list), ``image_list``, ``image_dir``, ``n``, ``seed``, ``prompt``, ``max_new_tokens``.
+    Options: ``annotations``, ``gt_captions`` ("auto", a path, or None to use instances only), ``synonyms`` ("auto",
+    a path, or None for the shipped COCO list), ``image_list``, ``image_dir``, ``n``, ``seed``, ``prompt``,
+    ``max_new_tokens``.
     """
 
     name: ClassVar[str] = "chair"
@@ -59,7 +58,7 @@ class ChairBenchmark(Benchmark):
     primary_metric: ClassVar[str] = "chair_i"
     higher_is_better: ClassVar[dict[str, bool]] = {"chair_s": False, "chair_i": False, "recall": True,
                                                     "n_hallucinated": False}
-    default_options: ClassVar[dict] = {"annotations": None, "gt_captions": "auto", "synonyms": None,
+    default_options: ClassVar[dict] = {"annotations": None, "gt_captions": "auto", "synonyms": "auto",
                                        "image_list": None, "image_dir": None, "n": None, "seed": 0,
                                        "prompt": DEFAULT_PROMPT, "max_new_tokens": None}
 
@@ -71,6 +70,9 @@ class ChairBenchmark(Benchmark):
     def extractor(self) -> CaptionObjectExtractor:
         if self._extractor is None:
             synonyms = self.options["synonyms"]
+            if synonyms == "auto":
+                found = sorted(self.data_dir.glob("*synonyms.txt"))
+                synonyms = found[0] if len(found) == 1 else None
             self._extractor = CaptionObjectExtractor(load_synonyms(synonyms) if synonyms else None)
         return self._extractor
 
@@ -78,7 +80,7 @@ class ChairBenchmark(Benchmark):
         if self.options["annotations"] is not None:
             return Path(self.options["annotations"])
         found = sorted(p for d in (self.data_dir, self.data_dir / "annotations") if d.is_dir()
-                       for p in d.glob("instances_*.json"))
+                       for p in (*d.glob("instances_*.json"), *d.glob("*_instances.json")))
         preferred = [p for p in found if p.name == "instances_val2014.json"]
         if len(found) == 1 or preferred:
             return (preferred or found)[0]
@@ -124,7 +126,7 @@ class ChairBenchmark(Benchmark):
             return None
         if option != "auto":
             return Path(option)
-        candidate = instances.with_name(instances.name.replace("instances_", "captions_", 1))
+        candidate = instances.with_name(instances.name.replace("instances", "captions", 1))
         return candidate if candidate.is_file() else None
 
     def _add_caption_objects(self, path: Path, objects: dict[int, set[str]]) -> None:

@@ -1,0 +1,1 @@
+"""Optional bridges to other tools (each imports its tool lazily; attnkit itself never needs them)."""

@@ -1,0 +1,231 @@
+"""The CLI end to end, offline: tiny saved models, the fixture data of every format, malformed files, sweeps."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from attnkit import cli, testing
+from attnkit.eval.loading import load_processor
+
+DATA = Path(__file__).parent / "data"
+FAST = ["--no-progress", "--no-plots", "--device", "cpu", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_models")
+    out = {}
+    for family in ("llava", "qwen2_vl"):
+        testing.save_tiny(family, root / family)
+        out[family] = root / family
+    return out
+
+
+def _rows(out: Path, config: str) -> list[dict]:
+    (path,) = [p for p in out.glob("*.jsonl") if f"__{config}__" in p.name]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bench,limit", [("pope", None), ("chair", 2), ("mme", 1), ("amber", 2)])
+def test_eval_each_format(bench, limit, models, tmp_path, capsys):
+    args = ["eval", "--model", str(models["llava"]), "--bench", bench, "--data", str(DATA / bench),
+            "--compare", "baseline", "record:layers=0", "--out", str(tmp_path), *FAST]
+    args += ["--limit", str(limit)] if limit else []
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["config"] for r in summary["results"]] == ["baseline", "record:layers=0"]
+    primary = summary["primary_metric"]
+    assert f"| config | n | errors | {primary}" in printed
+    assert "| **baseline** |" in printed and "| record:layers=0 |" in printed
+    assert (tmp_path / "report.md").read_text().startswith(f"# {bench}: interventions vs baseline")
+    base, rec = summary["results"]
+    assert primary in base["metrics"] and base["metrics"] == rec["metrics"]       # record changes nothing
+    ids = [r["id"] for r in _rows(tmp_path, "baseline")]
+    assert ids == [r["id"] for r in _rows(tmp_path, "record_layers=0")]
+    assert len(ids) == len(set(ids)) == base["n"] + base["n_errors"]
+
+
+def test_pope_corrupt_and_missing_images_are_error_rows(models, tmp_path, capsys):
+    args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--out", str(tmp_path), *FAST]
+    assert cli.main(args) == 0
+    rows = {r["id"]: r for r in _rows(tmp_path, "baseline")}
+    assert len(rows) == 10
+    assert "cannot identify image file" in rows["random/4"]["error"]
+    assert "missing.png" in rows["adversarial/3"]["error"]
+    assert sum("error" in r for r in rows.values()) == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())["results"][0]
+    assert (summary["n"], summary["n_errors"]) == (8, 2)
+    assert "2 sample(s) failed" in capsys.readouterr().err
+    # rerun: nothing to do, same table
+    assert cli.main(args) == 0
+    assert len(_rows(tmp_path, "baseline")) == 10
+
+
+@pytest.mark.parametrize("bench,folder,where", [
+    ("pope", "pope_bad_json", "coco_pope_popular.json:2: invalid JSON"),
+    ("pope", "pope_bad_label", "coco_pope_random.json:3: field 'label'"),
+    ("pope", "pope_missing_field", "coco_pope_adversarial.json:2: field 'image' is missing"),
+    ("mme", "mme_bad_answer", "000000000001.txt:2: field 'answer'"),
+    ("chair", "chair_missing_field", "instances_val2014.json: field 'annotations[1].category_id' is missing"),
+    ("amber", "amber_missing_hallu", "annotations.json: field '[0].hallu' is missing"),
+])
+def test_malformed_file_exits_2_naming_path_line_field(bench, folder, where, models, tmp_path, capsys):
+    args = ["eval", "--model", str(models["llava"]), "--bench", bench, "--data", str(DATA / "malformed" / folder),
+            "--out", str(tmp_path), *FAST]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit: error: ") and str(DATA / "malformed" / folder) in err and where in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--bench", "nope"], "unknown benchmark 'nope'; available: amber, chair, mme, pope"),
+    (["--compare", "nope:keep=3"], "unknown intervention 'nope'"),
+    (["--compare", "record:layers=-1"], "record: layers=-1 is out of range"),
+    (["--compare", "record:depth=2"], "record: unknown parameter 'depth'"),
+])
+def test_bad_values_are_named(extra, message, models, tmp_path, capsys):
+    args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--out", str(tmp_path),
+            *FAST, *extra]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit: error: ") and message in err
+
+
+def test_missing_paths_and_half_given_demo_args(models, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(models["llava"]), "--data", str(tmp_path / "nowhere"), *FAST]) == 2
+    assert "nowhere' is not a directory" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path / "nomodel"), "--data", str(DATA / "pope"),
+                     "--out", str(tmp_path), *FAST]) == 2
+    assert "model folder" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(models["llava"]), *FAST]) == 2
+    assert "give both --model PATH and --data DIR" in capsys.readouterr().err
+
+
+def test_sweep_grid_expansion():
+    assert cli.sweep_grid(["cls-prune:keep=32,64,128"]) == [
+        "baseline", "cls-prune:keep=32", "cls-prune:keep=64", "cls-prune:keep=128"]
+    assert cli.sweep_grid(["fastv:k=2,3,keep=0.25,0.5"]) == [
+        "baseline", "fastv:k=2,keep=0.25", "fastv:k=2,keep=0.5", "fastv:k=3,keep=0.25", "fastv:k=3,keep=0.5"]
+    assert cli.sweep_grid(["cls-prune:keep=32,64", "var:p=0.6"]) == [
+        "baseline", "cls-prune:keep=32;var:p=0.6", "cls-prune:keep=64;var:p=0.6"]
+    # two sweeps of one intervention merge their keys
+    assert cli.sweep_grid(["fastv:k=2,3", "fastv:keep=0.5"]) == ["baseline", "fastv:k=2,keep=0.5",
+                                                                  "fastv:k=3,keep=0.5"]
+    assert cli.sweep_grid(["var"]) == ["baseline", "var"]
+    with pytest.raises(ValueError, match="value '32' comes before any key="):
+        cli.sweep_grid(["cls-prune:32,64"])
+    with pytest.raises(ValueError, match="swept twice"):
+        cli.sweep_grid(["fastv:k=2", "fastv:k=3"])
+
+
+def test_ablate_runs_the_grid_with_the_baseline(models, tmp_path, capsys):
+    args = ["ablate", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "1",
+            "--sweep", "record:layers=0,1", "--out", str(tmp_path), *[a for a in FAST if a != "--no-plots"]]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["config"] for r in summary["results"]] == ["baseline", "record:layers=0", "record:layers=1"]
+    assert "ablation grid (3 configs)" in capsys.readouterr().err
+    assert (tmp_path / "pope_metric_vs_tokens.png").is_file()
+
+
+@pytest.mark.parametrize("family,grid", [("llava", [4, 4]), ("qwen2_vl", [4, 6])])
+def test_inspect_writes_heatmaps(family, grid, models, tmp_path):
+    image = tmp_path / "img.png"
+    testing.tiny_image(3, width=48, height=32).save(image)
+    out = tmp_path / "maps"
+    assert cli.main(["inspect", "--model", str(models[family]), "--image", str(image), "--prompt",
+                     "is there a cat ?", "--out", str(out), "--layers", "0+2", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["layer00.png", "layer02.png", "mean.png"]
+    assert all(p.stat().st_size > 1000 for p in out.glob("*.png"))
+    raw = json.loads((out / "attention.json").read_text())
+    assert raw["family"] == family and sorted(raw["layers"]) == ["0", "2"]
+    mass = raw["layers"]["0"]
+    assert [len(mass), len(mass[0])] == grid
+    assert 0 < sum(map(sum, mass)) <= 1.0 + 1e-5                # a share of the last token's attention
+
+
+def test_qwen_folder_loads_the_image_only_processor(models):
+    import torch
+
+    processor = load_processor(models["qwen2_vl"])
+    assert type(processor).__name__ == "Qwen2VLImageOnlyProcessor"
+    reference = testing.tiny_processor("qwen2_vl")
+    text = testing.tiny_prompt(reference, "is there a cat ?")
+    got = processor(images=[testing.tiny_image(1)], text=[text], return_tensors="pt")
+    want = reference(images=[testing.tiny_image(1)], text=[text], return_tensors="pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_calibrate_dispatches_or_names_what_can_be_calibrated(models, tmp_path, capsys, monkeypatch):
+    base = ["--model", str(models["llava"]), "--data", str(DATA / "pope"), "--out", str(tmp_path / "c.json"),
+            "--device", "cpu"]
+    assert cli.main(["calibrate", "record", *base]) == 2
+    assert "'record' needs no calibration" in capsys.readouterr().err
+    assert cli.main(["calibrate", "nope", *base]) == 2
+    assert "unknown intervention 'nope'" in capsys.readouterr().err
+
+    from attnkit.interventions import REGISTRY, Record
+
+    calls = []
+
+    class Calibrated(Record):
+        name = "calibrated-test"
+
+        @classmethod
+        def calibrate(cls, model, processor, samples, out_path):
+            calls.append((type(model).__name__, len(samples), out_path))
+            out_path.write_text("{}")
+
+    monkeypatch.setitem(REGISTRY, "calibrated-test", Calibrated)
+    assert cli.main(["calibrate", "record", *base]) == 2
+    assert "can be calibrated: calibrated-test" in capsys.readouterr().err
+    assert cli.main(["calibrate", "calibrated-test", "--limit", "1", *base]) == 0
+    assert calls == [("LlavaForConditionalGeneration", 3, tmp_path / "c.json")]
+
+
+def test_default_eval_runs_the_embedded_demo(models, tmp_path, capsys, monkeypatch):
+    demo = types.ModuleType("attnkit.synth.demo")
+    demo.demo_model_path = lambda: models["llava"]
+    demo.demo_data_path = lambda: DATA / "pope"
+    monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
+    monkeypatch.setattr(cli, "DEMO_LIMIT", 1)
+    monkeypatch.setattr(cli, "DEMO_COMPARE", ("baseline", "record:layers=0", "not-registered:keep=3"))
+    assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bench"] == "pope"
+    assert [r["config"] for r in summary["results"]] == ["baseline", "record:layers=0"]
+    assert sum(r["n"] + r["n_errors"] for r in summary["results"]) == 6       # 1 per split, 2 configs
+    assert "| **baseline** |" in capsys.readouterr().out
+
+
+def test_default_eval_without_the_demo_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "attnkit.synth.demo", None)
+    assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 2
+    assert "embedded demo (attnkit.synth.demo) is not available" in capsys.readouterr().err
+
+
+def test_list_names_interventions_models_benchmarks(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("interventions:", "  record ", "LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                   "benchmarks:", "  pope ", "  chair ", "  mme ", "  amber "):
+        assert needle in out
