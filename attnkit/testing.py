@@ -80,8 +80,14 @@ class TinySize:
 
 def tiny_config(family: str, size: TinySize | None = None):
     """A real transformers config of ``family`` at toy size (ids match :func:`tiny_tokenizer`)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig,
-                              Qwen2VLConfig)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+    )
 
     s = size or TinySize()
     tok_ids = {t: i for i, t in enumerate(_SPECIAL)}
@@ -160,9 +166,9 @@ def tiny_processor(family: str, size: TinySize | None = None):
         return LlavaNextProcessor(ip, tok, patch_size=s.patch, vision_feature_select_strategy="default",
                                   num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        from attnkit.models.processors import qwen_image_processor_class
-
         from transformers import Qwen2VLImageProcessorPil
+
+        from attnkit.models.processors import qwen_image_processor_class
 
         ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=(2 * s.image) ** 2, patch_size=4, merge_size=2,
                                    temporal_patch_size=2)

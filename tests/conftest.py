@@ -17,7 +17,7 @@ from attnkit import testing  # noqa: E402
 FAMILIES = testing.FAMILIES
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, impl: str):
     model = testing.tiny_model(family, attn_implementation=impl)
     model.generation_config.eos_token_id = None  # random models emit EOS at random; run full length
@@ -25,7 +25,7 @@ def _model(family: str, impl: str):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _processor(family: str):
     return testing.tiny_processor(family)
 
