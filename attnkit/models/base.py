@@ -79,6 +79,15 @@ class ModelAdapter:
         i = self._arg_index.get(name)
         return args[i] if i is not None and i < len(args) else None
 
+    # --- vision scores ----------------------------------------------------------------------------
+    vision_scores: tuple[str, ...] = ()   # what install_vision_scores can capture; the first is the default
+
+    def install_vision_scores(self, installed, kind: str, sink) -> None:
+        """Hook the vision tower so that each forward calls ``sink(scores)``: one 1-D tensor per image with
+        one score per visual token the LLM receives for it, in the LLM's order. ``kind`` is one of
+        :attr:`vision_scores`."""
+        raise NotImplementedError
+
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_token_counts: list[int] | None = None) -> VisualSpans:
         return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)

@@ -28,6 +28,52 @@ class LlavaAdapter(ModelAdapter):
     def projector(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector
 
+    vision_scores = ("cls", "received")
+
+    def install_vision_scores(self, installed, kind: str, sink) -> None:
+        """[CLS]→patch attention (``cls``) or mean attention each patch receives (``received``) in the encoder
+        layer whose output the LLM is fed (``vision_feature_layer``), averaged over heads.
+
+        FasterVLM: ``attentions[select_layer][:, :, 0, 1:].mean(1)`` with ``select_layer = -2``; here the
+        query/key projections of that layer are captured with forward hooks, so sdpa/flash stay on.
+        """
+        if kind not in self.vision_scores:
+            raise ValueError(f"score={kind!r} is not available for {self.family}; use one of {self.vision_scores}")
+        if self.family != "llava":
+            raise NotImplementedError("per-token vision scores for LLaVA-NeXT's AnyRes packing are not implemented")
+        if not isinstance(self.model.config.vision_feature_layer, int):
+            raise NotImplementedError("vision scores need a single vision_feature_layer")
+        tower = self.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        f = self.model.config.vision_feature_layer
+        attn = layers[(f % (len(layers) + 1)) - 1].self_attn
+        captured = {}
+
+        def keep_q(module, args, out):
+            captured["q"] = out[:, :1] if kind == "cls" else out
+
+        def keep_k(module, args, out):
+            captured["k"] = out
+
+        def score(module, args, out):
+            q, k = captured.pop("q"), captured.pop("k")
+            n, heads = k.shape[0], attn.num_heads
+            q = q.view(n, q.shape[1], heads, -1).transpose(1, 2)
+            k = k.view(n, k.shape[1], heads, -1).transpose(1, 2)
+            scores = []
+            for rows in torch.split(torch.arange(q.shape[2], device=q.device), 512):
+                p = torch.softmax((q[:, :, rows] @ k.transpose(2, 3)).float() * attn.scale, dim=-1)
+                scores.append(p.sum(2))
+            s = torch.stack(scores).sum(0) / q.shape[2]                      # [n, H, 1 + patches]
+            s = s.mean(1)
+            if self.model.config.vision_feature_select_strategy == "default":
+                s = s[:, 1:]
+            sink(list(s))
+
+        installed.forward_hook(attn.q_proj, keep_q)
+        installed.forward_hook(attn.k_proj, keep_k)
+        installed.forward_hook(attn, score)
+
     @property
     def patches_per_crop(self) -> int:
         vc = self.model.config.vision_config

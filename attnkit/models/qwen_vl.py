@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from attnkit.models.base import ModelAdapter
@@ -34,3 +36,60 @@ class QwenVLAdapter(ModelAdapter):
         if counts is not None or grid is None:
             return counts
         return (grid.prod(-1) // self.merge_size**2).tolist()
+
+    vision_scores = ("received",)
+
+    def install_vision_scores(self, installed, kind: str, sink) -> None:
+        """Mean attention each patch receives in the last full-attention vision block (over heads and all
+        query patches of its image), averaged over each 2x2 merge unit: one score per LLM visual token.
+
+        Qwen's ViT has no [CLS]; this is the substitute the FasterVLM/VisPruner author recommends
+        (VisPruner issue #1). Qwen2.5-VL: its last full-attention block, un-permuted from window order.
+        """
+        if kind not in self.vision_scores:
+            raise ValueError(f"score={kind!r} is not available for {self.family}; use one of {self.vision_scores}")
+        visual = self.vision_tower
+        full = getattr(visual, "fullatt_block_indexes", None)
+        block = visual.blocks[max(full) if full else len(visual.blocks) - 1]
+        attn, unit = block.attn, self.merge_size**2
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        captured = {}
+
+        def keep_grid(module, args, kwargs):
+            captured["grid"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+        def keep_inputs(module, args, kwargs):
+            captured["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            captured["pos"] = kwargs["position_embeddings"]
+
+        def keep_qkv(module, args, out):
+            captured["qkv"] = out
+
+        def score(module, args, out):
+            qkv, cu = captured.pop("qkv"), captured.pop("cu")
+            n = qkv.shape[0]
+            q, k, _ = qkv.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = rotary(q, k, *captured.pop("pos"))
+            q, k = q.transpose(0, 1), k.transpose(0, 1)                        # [H, n, d]
+            received = []
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                qi, ki = q[:, a:b], k[:, a:b]
+                total = torch.zeros(b - a, device=q.device)
+                for rows in torch.split(torch.arange(b - a, device=q.device), 512):
+                    p = torch.softmax((qi[:, rows] @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1)
+                    total += p.sum((0, 1))
+                received.append(total / (attn.num_heads * (b - a)))
+            merged = torch.cat(received).view(-1, unit).mean(1)
+            grid = captured.pop("grid")
+            if full is not None:  # Qwen2.5-VL: blocks run in window order; undo it like the merger's output
+                from transformers.vision_utils import get_vision_window_index
+
+                window_index, _ = get_vision_window_index(grid, self.merge_size, visual.window_size,
+                                                          visual.patch_size)
+                merged = merged[torch.argsort(window_index.to(merged.device))]
+            sink(list(torch.split(merged, (grid.prod(-1) // unit).tolist())))
+
+        installed.forward_pre_hook(visual, keep_grid, with_kwargs=True)
+        installed.forward_pre_hook(attn, keep_inputs, with_kwargs=True)
+        installed.forward_hook(attn.qkv, keep_qkv)
+        installed.forward_hook(attn, score)

@@ -1,0 +1,111 @@
+"""``cls-prune``: FasterVLM — keep the visual tokens with most [CLS] attention, drop the rest before the LLM."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from attnkit.hooks.drop import Dropper
+from attnkit.interventions.base import Intervention, param, register
+
+SCORES = ("auto", "cls", "received", "norm", "random", "uniform")
+
+
+def keep_count(keep: int | float, n: int, what: str) -> int:
+    """Tokens to keep out of ``n``: ``keep`` is a count, or a ratio in (0, 1] (rounded, at least 1)."""
+    if isinstance(keep, float):
+        return max(1, round(n * keep))
+    if keep > n:
+        raise ValueError(f"keep={keep} exceeds the {n} visual tokens of {what}; use keep <= {n} or a ratio in (0, 1]")
+    return keep
+
+
+def check_keep(name: str, keep: int | float) -> None:
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}: keep={keep} is out of range; allowed: a count >= 1 or a ratio in (0, 1]")
+
+
+@register
+@dataclasses.dataclass
+class ClsPrune(Intervention):
+    """[CLS]-attention visual token pruning (FasterVLM, "[CLS] Attention is All You Need for Training-Free
+    Visual Token Pruning", arXiv 2412.01818).
+
+    For each image with patches i = 1..N, at the vision layer whose output feeds the LLM (-2 for LLaVA):
+    ``s_i = 1/H Σ_h softmax(q_cls,h · k_h,iᵀ / √d)``; keep the top-``keep`` patches by s, in their
+    original order, and feed only those to the LLM. Kept tokens keep their ORIGINAL positions (1-D for
+    LLaVA, 3-D mrope for Qwen-VL), so the result equals running the model on those tokens where they
+    were; ``positions="compact"`` re-indexes them 0..n as FasterVLM's code does (to reproduce its
+    numbers; LLaVA only).
+
+    - ``keep`` (paper: visual_token_num, e.g. 144 = 75 % reduction of 576): a count per image, or a
+      ratio in (0, 1] of each image's tokens. Default 0.25.
+    - ``score``: ``auto`` = the family's default: ``cls`` for CLIP towers; Qwen-VL has no [CLS], so
+      ``received`` = mean attention each patch receives in the last full-attention vision block, pooled
+      over the 2x2 merge unit (the author's recommendation). Ablations: ``received`` on CLIP too,
+      ``norm`` (L2 norm of the visual token entering the LLM), ``random`` (seeded), ``uniform``
+      (evenly spaced in token order) — all on the same budget.
+    """
+
+    name = "cls-prune"
+    keep: int | float = param(0.25, low=0, low_open=True, doc="tokens kept per image: count, or ratio in (0, 1]")
+    score: str = param("auto", choices=SCORES, doc="token score")
+    positions: str = param("original", choices=("original", "compact"), doc="RoPE positions of kept tokens")
+    seed: int = param(0, low=0, doc="seed of score=random")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_keep(self.name, self.keep)
+        self._pending: list[torch.Tensor] | None = None
+        self._dropper: Dropper | None = None
+        self._kind = self.score
+
+    def attach(self, ctx) -> None:
+        adapter = ctx.adapter
+        self._kind = adapter.vision_scores[0] if self.score == "auto" else self.score
+        if self._kind in ("cls", "received"):
+            adapter.install_vision_scores(ctx.installed, self._kind, self._on_scores)
+        if self.positions == "compact" and adapter.family.startswith("qwen"):
+            raise ValueError("cls-prune: positions='compact' reproduces FasterVLM's LLaVA code (1-D positions); "
+                             f"{adapter.family} uses 3-D mrope positions: use positions='original'")
+        self._dropper = Dropper(ctx, 0, decide=self._decide, compact_positions=self.positions == "compact")
+
+    def conflicts_with(self, other: Intervention) -> str | None:
+        if other.name in ("fastv", "vte"):
+            return "both drop visual tokens from the LLM; use one of them"
+        return None
+
+    def _on_scores(self, scores: list[torch.Tensor]) -> None:
+        self._pending = scores
+
+    def _decide(self, state, embeds: torch.Tensor) -> torch.Tensor | None:
+        spans = state.spans
+        pending, self._pending = self._pending, None
+        if not spans.has_images():
+            return None
+        keep = torch.zeros_like(spans.visual)
+        images = [(b, pos) for b in range(spans.batch_size) for pos in spans.images(b)]
+        if pending is not None and len(pending) != len(images):
+            raise RuntimeError(f"cls-prune: got vision scores for {len(pending)} images but the prompt holds "
+                               f"{len(images)}")
+        gen = torch.Generator().manual_seed(self.seed)
+        for i, (b, pos) in enumerate(images):
+            n = len(pos)
+            k = keep_count(self.keep, n, f"image {i} of sample {b}")
+            if self._kind == "uniform":
+                chosen = torch.linspace(0, n - 1, k).round().long()
+            else:
+                if self._kind == "random":
+                    s = torch.rand(n, generator=gen)
+                elif self._kind == "norm":
+                    s = embeds[b, pos.to(embeds.device)].float().norm(dim=-1)
+                else:
+                    s = pending[i]
+                chosen = torch.topk(s.float().cpu(), k).indices
+            keep[b, pos[chosen.to(pos.device)]] = True
+        return keep
+
+    def stats(self) -> dict[str, Any]:
+        return {"score": self._kind, **(self._dropper.stats() if self._dropper else {})}

@@ -1,0 +1,321 @@
+"""cls-prune and fastv: equal to the unmodified model run on the kept tokens at their original positions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import testing
+from attnkit.interventions.base import Intervention
+
+PRUNE_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+SPECIAL = list(range(11))  # pad, bos, eos, unk and the image/vision markers: random models must not emit them
+GEN = dict(do_sample=False, suppress_tokens=SPECIAL)
+
+
+def _logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, **kw).logits
+
+
+def _original_positions(model, inputs):
+    """Positions the unmodified model uses in a plain forward: arange (LLaVA) or Qwen's 3-D rope index."""
+    ids = inputs["input_ids"]
+    if "image_grid_thw" not in inputs:
+        return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    embeds = model.get_input_embeddings()(ids)
+    return model.model.compute_3d_position_ids(input_ids=ids, inputs_embeds=embeds,
+                                               image_grid_thw=inputs["image_grid_thw"],
+                                               attention_mask=inputs["attention_mask"],
+                                               mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=None,
+                                               past_key_values=None)
+
+
+def _reference_on_kept(model, inputs, kept_positions, compact=False):
+    """The UNWRAPPED model fed only the kept visual tokens (public kwargs: fewer placeholders, the kept
+    feature rows, original positions). Returns logits [B, Lk, V] and the kept columns [B, Lk]."""
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    image_id = model.config.image_token_id
+    feats_kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in feats_kw and "image_grid_thw" not in feats_kw:
+        feats_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.no_grad():
+        feats = model.model.get_image_features(**feats_kw, return_dict=True)
+    per_sample = torch.cat(feats.pooler_output).split((ids == image_id).sum(1).tolist())
+    cols, rows = [], []
+    for b in range(ids.shape[0]):
+        visual = (ids[b] == image_id).nonzero().squeeze(1).tolist()
+        kept = kept_positions[b]
+        keep_col = torch.tensor([(t not in visual) or (t in kept) for t in range(ids.shape[1])])
+        cols.append(keep_col.nonzero().squeeze(1))
+        rows.append(per_sample[b][torch.tensor([visual.index(t) for t in kept])])
+    cols = torch.stack(cols)
+    feats.pooler_output = rows
+    positions = _original_positions(model, inputs)
+    pos = torch.gather(positions, -1, cols.expand(*positions.shape[:-1], -1)) if positions.dim() == 3 else \
+        torch.gather(positions, 1, cols)
+    if compact:  # FasterVLM: the pruned sequence numbered 0..n-1 (batch without padding)
+        pos = torch.arange(cols.shape[1]).expand(cols.shape[0], -1)
+    new = dict(input_ids=torch.gather(ids, 1, cols), attention_mask=torch.gather(am, 1, cols), position_ids=pos,
+               mm_encoder_outputs={"image": feats})
+    with torch.no_grad():
+        return model(**new).logits, cols
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+@pytest.mark.parametrize("spec", ["cls-prune:keep=5", "cls-prune:keep=0.5,score=random", "cls-prune:score=uniform"])
+def test_cls_prune_equals_model_on_kept_tokens(tiny, family, spec):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with attnkit.intervene(model, spec) as handle:
+        pruned = _logits(model, inputs)
+        stats = handle.stats()["cls-prune"]
+    kept = stats["kept_positions"]
+    n_keep = {"cls-prune:keep=5": 5, "cls-prune:keep=0.5,score=random": 8, "cls-prune:score=uniform": 4}[spec]
+    assert stats["visual_tokens"] == [16, 16, 16] and stats["visual_tokens_kept"] == [n_keep] * 3
+    ref, cols = _reference_on_kept(model, inputs, kept)
+    valid = torch.gather(inputs["attention_mask"], 1, cols).bool()
+    got = torch.gather(pruned, 1, cols[..., None].expand(-1, -1, pruned.shape[-1]))
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[valid], torch.gather(_logits(model, inputs), 1, cols[..., None].expand_as(got))[valid])
+
+
+def _cls_scores_from_eager_vision(model, inputs):
+    """[CLS]->patch attention of the feature layer, from output_attentions of an eager vision tower."""
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    return out.attentions[-2][:, :, 0, 1:].mean(1)                    # [images, patches]
+
+
+def _received_scores_from_eager_attention(model, inputs):
+    """Mean attention received per patch in the last vision block, pooled 2x2 (Qwen2-VL), via a capturing fn."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    captured = []
+    last = model.model.visual.blocks[-1].attn
+
+    def capture(module, q, k, v, attention_mask=None, scaling=None, **kw):
+        if module is last:
+            captured.append(torch.softmax(q @ k.transpose(2, 3) * scaling, dim=-1).mean((1, 2))[0])
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, attention_mask, scaling=scaling, **kw)
+
+    AttentionInterface.register("test_capture", capture)
+    model.set_attn_implementation({"vision_config": "test_capture"})
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    return [c.view(-1, 4).mean(1) for c in captured]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_kept_set_is_top_k_of_independent_scores(tiny, family):
+    model, processor = tiny(family, "eager" if family == "llava" else "sdpa")
+    inputs = testing.tiny_inputs(processor, batch=3)
+    if family == "llava":
+        scores = list(_cls_scores_from_eager_vision(model, inputs))
+    else:
+        scores = _received_scores_from_eager_attention(model, inputs)
+    with attnkit.intervene(model, "cls-prune:keep=6") as handle:
+        _logits(model, inputs)
+        kept = handle.stats()["cls-prune"]["kept_positions"]
+    for b in range(3):
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        expected = sorted(visual[torch.topk(scores[b], 6).indices].tolist())
+        assert kept[b] == expected
+
+
+def _greedy_no_cache(model, inputs, steps, positions_from_mask):
+    """Greedy decoding by full forwards on the growing sequence, no KV cache."""
+    inputs = dict(inputs)
+    for _ in range(steps):
+        kw = {}
+        if positions_from_mask:
+            kw["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(**inputs, **kw, use_cache=False).logits[:, -1]
+        logits[:, SPECIAL] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    return inputs["input_ids"]
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+def test_cls_prune_generate_equals_no_cache_loop(tiny, family):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with attnkit.intervene(model, "cls-prune:keep=4"):
+        out = model.generate(**inputs, max_new_tokens=5, **GEN)
+        ref = _greedy_no_cache(model, inputs, 5, positions_from_mask=not family.startswith("qwen"))
+    assert torch.equal(out, ref)
+
+
+@dataclasses.dataclass
+class MaskKeys(Intervention):
+    """Test reference: in layers >= k, no query may attend to the given key positions (no token removed)."""
+
+    name = "test-mask-keys"
+    k: int = 2
+    dropped: tuple = ()
+
+    def attention_layers(self, ctx):
+        return range(self.k, ctx.adapter.num_layers)
+
+    def on_attention(self, call):
+        def mask(rows, scores):
+            scores = scores.clone()
+            for b, cols in enumerate(self.dropped):
+                scores[b, :, :, list(cols)] = torch.finfo(torch.float32).min
+            return scores
+
+        call.edit_scores(mask)
+
+
+def _dropped(inputs, image_token_id, kept):
+    visual = [(inputs["input_ids"][b] == image_token_id).nonzero().squeeze(1).tolist() for b in range(len(kept))]
+    return tuple(tuple(t for t in visual[b] if t not in kept[b]) for b in range(len(kept)))
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+@pytest.mark.parametrize("rank", ["last", "mean"])
+def test_fastv_equals_masking_reference(tiny, family, rank):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True)
+    with attnkit.intervene(model, f"fastv:k=2,keep=0.5,rank={rank}") as handle, torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        stats = handle.stats()["fastv"]
+    assert stats["visual_tokens_kept"] == [8, 8, 8]
+    for layer in range(3):  # embeddings and the outputs of layers 0, 1: untouched
+        assert torch.equal(out.hidden_states[layer], base.hidden_states[layer])
+    dropped = _dropped(inputs, model.config.image_token_id, stats["kept_positions"])
+    with attnkit.intervene(model, MaskKeys(k=2, dropped=dropped)):
+        ref = _logits(model, inputs)
+    keep = inputs["attention_mask"].bool().clone()
+    for b, cols in enumerate(dropped):
+        keep[b, list(cols)] = False
+    torch.testing.assert_close(out.logits[keep], ref[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+def test_fastv_generate_equals_no_cache_masking_loop(tiny, family):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with attnkit.intervene(model, "fastv:k=1,keep=6") as handle:
+        out = model.generate(**inputs, max_new_tokens=5, **GEN)
+        kept = handle.stats()["fastv"]["kept_positions"]
+    dropped = _dropped(inputs, model.config.image_token_id, kept)
+    with attnkit.intervene(model, MaskKeys(k=1, dropped=dropped)):
+        ref = _greedy_no_cache(model, inputs, 5, positions_from_mask=not family.startswith("qwen"))
+    assert torch.equal(out, ref)
+
+
+def test_fastv_ranks_by_last_row_of_layer_k_minus_1(tiny):
+    model, processor = tiny("llava", "eager")
+    inputs = testing.tiny_inputs(processor, batch=2)
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[2]     # layer k-1 = 2
+    with attnkit.intervene(model, "fastv:k=3,keep=5") as handle:
+        _logits(model, inputs)
+        kept = handle.stats()["fastv"]["kept_positions"]
+    for b in range(2):
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        scores = attn[b].mean(0)[-1, visual]
+        assert kept[b] == sorted(visual[torch.topk(scores, 5).indices].tolist())
+
+
+def test_keep_all_is_identical_to_baseline(tiny):
+    model, processor = tiny("qwen2_vl")
+    inputs = testing.tiny_inputs(processor, batch=2)
+    ref = _logits(model, inputs)
+    for spec in ("cls-prune:keep=1.0", "fastv:keep=16"):
+        with attnkit.intervene(model, spec):
+            torch.testing.assert_close(_logits(model, inputs), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compact_positions_are_consecutive(tiny):
+    model, processor = tiny("llava")
+    inputs = testing.tiny_inputs(processor, batch=1)
+    seen = []
+    with attnkit.intervene(model, "cls-prune:keep=4,positions=compact") as handle:
+        h = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+        try:
+            compact = _logits(model, inputs)
+            kept = handle.stats()["cls-prune"]["kept_positions"]
+            model.generate(**inputs, max_new_tokens=3, **GEN)
+        finally:
+            h.remove()
+    n = inputs["input_ids"].shape[1] - 12
+    assert seen[0].tolist() == [list(range(n))]
+    assert [p.tolist() for p in seen[-2:]] == [[[n]], [[n + 1]]]        # decode continues compactly
+    ref, cols = _reference_on_kept(model, inputs, kept, compact=True)
+    torch.testing.assert_close(compact[0, cols[0]], ref[0], rtol=1e-4, atol=1e-5)
+    original, _ = _reference_on_kept(model, inputs, kept)
+    assert not torch.allclose(original[0], ref[0], atol=1e-3)
+
+
+def test_no_image_does_nothing_and_says_so(tiny):
+    model, processor = tiny("llava")
+    ids = processor.tokenizer(["USER: describe the sky ASSISTANT:"], return_tensors="pt")
+    ref = _logits(model, ids)
+    for spec in ("cls-prune:keep=4", "fastv:keep=4"):
+        with attnkit.intervene(model, spec) as handle:
+            assert torch.equal(_logits(model, ids), ref)
+            assert "no image" in handle.stats()[spec.split(":")[0]]["note"]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("cls-prune:keep=0", r"keep=0 is out of range"),
+    ("cls-prune:keep=1.5", r"keep=1.5 is out of range"),
+    ("cls-prune:keep=-3", r"keep=-3 is out of range"),
+    ("fastv:keep=0.0", r"keep=0.0 is out of range"),
+    ("fastv:k=0", r"k=0 is out of range"),
+    ("fastv:k=4", r"k=4 is out of range.*1 <= k <= 3"),
+    ("cls-prune:score=best", r"score='best'.*one of"),
+    ("cls-prune:score=cls", r"score='cls' is not available for qwen2_vl"),
+])
+def test_bad_parameters(tiny, spec, match):
+    model, _ = tiny("qwen2_vl")
+    with pytest.raises(ValueError, match=match):
+        attnkit.wrap(model, spec)
+    assert getattr(model, "_attnkit_handle", None) is None
+
+
+def test_keep_larger_than_image_is_a_clear_error(tiny):
+    model, processor = tiny("llava")
+    with attnkit.intervene(model, "cls-prune:keep=17"):
+        with pytest.raises(ValueError, match="keep=17 exceeds the 16 visual tokens of image 0 of sample 0"):
+            _logits(model, testing.tiny_inputs(processor))
+
+
+def test_cls_prune_and_fastv_conflict(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(ValueError, match="cannot be combined: both drop visual tokens"):
+        attnkit.wrap(model, "cls-prune", "fastv")
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+def test_several_images_per_sample_and_ragged_keep(tiny, family):
+    model, processor = tiny(family)
+    sizes = [(32, 32), (48, 32)] if family.startswith("qwen") else None
+    inputs = testing.tiny_inputs(processor, batch=2, n_images=2, image_sizes=sizes)
+    with attnkit.intervene(model, "cls-prune:keep=0.3") as handle:
+        pruned = _logits(model, inputs)
+        stats = handle.stats()["cls-prune"]
+        out = model.generate(**inputs, max_new_tokens=4, **GEN)
+        ref_tokens = _greedy_no_cache(model, inputs, 4, positions_from_mask=not family.startswith("qwen"))
+    assert torch.equal(out, ref_tokens)
+    ref, cols = _reference_on_kept(model, inputs, stats["kept_positions"])
+    valid = torch.gather(inputs["attention_mask"], 1, cols).bool()
+    got = torch.gather(pruned, 1, cols[..., None].expand(-1, -1, pruned.shape[-1]))
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-5)
