@@ -11,7 +11,7 @@ import attnkit
 from attnkit import testing
 from attnkit.interventions.base import Intervention
 
-PRUNE_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+PRUNE_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 SPECIAL = list(range(11))  # pad, bos, eos, unk and the image/vision markers: random models must not emit them
 GEN = dict(do_sample=False, suppress_tokens=SPECIAL)
 
@@ -39,7 +39,7 @@ def _reference_on_kept(model, inputs, kept_positions, compact=False):
     feature rows, original positions). Returns logits [B, Lk, V] and the kept columns [B, Lk]."""
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     image_id = model.config.image_token_id
-    feats_kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    feats_kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
     if "pixel_values" in feats_kw and "image_grid_thw" not in feats_kw:
         feats_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
     with torch.no_grad():
@@ -65,6 +65,19 @@ def _reference_on_kept(model, inputs, kept_positions, compact=False):
         return model(**new).logits, cols
 
 
+def _visual_and_newline_counts(model, inputs) -> tuple[int, int]:
+    """Visual tokens of the first image, and how many of them are LLaVA-NeXT row-newline embeddings."""
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    newline = getattr(model.model, "image_newline", None)
+    if newline is None:
+        return n_visual, 0
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                               vision_feature_layer=-2, vision_feature_select_strategy="default")
+    rows = feats.pooler_output[0]
+    return n_visual, int((rows == newline.to(rows.dtype)).all(-1).sum())
+
+
 @pytest.mark.parametrize("family", PRUNE_FAMILIES)
 @pytest.mark.parametrize("spec", ["cls-prune:keep=5", "cls-prune:keep=0.5,score=random", "cls-prune:score=uniform"])
 def test_cls_prune_equals_model_on_kept_tokens(tiny, family, spec):
@@ -74,8 +87,11 @@ def test_cls_prune_equals_model_on_kept_tokens(tiny, family, spec):
         pruned = _logits(model, inputs)
         stats = handle.stats()["cls-prune"]
     kept = stats["kept_positions"]
-    n_keep = {"cls-prune:keep=5": 5, "cls-prune:keep=0.5,score=random": 8, "cls-prune:score=uniform": 4}[spec]
-    assert stats["visual_tokens"] == [16, 16, 16] and stats["visual_tokens_kept"] == [n_keep] * 3
+    n_visual, n_newline = _visual_and_newline_counts(model, inputs)
+    free = n_visual - n_newline
+    n_keep = {"cls-prune:keep=5": 5, "cls-prune:keep=0.5,score=random": round(free / 2),
+              "cls-prune:score=uniform": round(free / 4)}[spec]
+    assert stats["visual_tokens"] == [n_visual] * 3 and stats["visual_tokens_kept"] == [n_keep + n_newline] * 3
     ref, cols = _reference_on_kept(model, inputs, kept)
     valid = torch.gather(inputs["attention_mask"], 1, cols).bool()
     got = torch.gather(pruned, 1, cols[..., None].expand(-1, -1, pruned.shape[-1]))
@@ -194,7 +210,8 @@ def test_fastv_equals_masking_reference(tiny, family, rank):
     with attnkit.intervene(model, f"fastv:k=2,keep=0.5,rank={rank}") as handle, torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
         stats = handle.stats()["fastv"]
-    assert stats["visual_tokens_kept"] == [8, 8, 8]
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    assert stats["visual_tokens_kept"] == [round(n_visual / 2)] * 3
     for layer in range(3):  # embeddings and the outputs of layers 0, 1: untouched
         assert torch.equal(out.hidden_states[layer], base.hidden_states[layer])
     dropped = _dropped(inputs, model.config.image_token_id, stats["kept_positions"])
@@ -319,3 +336,34 @@ def test_several_images_per_sample_and_ragged_keep(tiny, family):
     valid = torch.gather(inputs["attention_mask"], 1, cols).bool()
     got = torch.gather(pruned, 1, cols[..., None].expand(-1, -1, pruned.shape[-1]))
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_budget_shared_between_groups_on_hand_made_scores():
+    from attnkit.interventions.cls_prune import _select
+
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.7, 0.05, 0.6, 0.4, 0.0, 0.0, float("inf"), float("inf")])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1])
+    # 12 free tokens (4 base, 8 grid), keep 6 -> base round(6 * 4/12) = 2, grid the other 4; newlines always
+    assert _select(scores, groups, 6, "x").tolist() == [0, 2, 5, 6, 8, 9, 12, 13]
+    assert _select(None, groups, 6, "x").tolist() == [0, 3, 4, 6, 9, 11, 12, 13]
+    assert _select(scores, torch.zeros(4, dtype=torch.long), 0.5, "x").tolist() == [0, 2]
+    with pytest.raises(ValueError, match="keep=13 exceeds the 12 visual tokens of x"):
+        _select(scores, groups, 13, "x")
+
+
+def test_next_keeps_every_row_newline(tiny):
+    model, processor = tiny("llava_next")
+    inputs = testing.tiny_inputs(processor, batch=2, image_sizes=[(64, 32), (32, 64)])
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                               vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with attnkit.intervene(model, "cls-prune:keep=3") as handle:
+        _logits(model, inputs)
+        kept = handle.stats()["cls-prune"]["kept_positions"]
+    for b in range(2):
+        rows = feats.pooler_output[b]
+        is_newline = (rows == model.model.image_newline).all(-1)
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        assert is_newline.any()
+        assert set(visual[is_newline].tolist()) <= set(kept[b])
+        assert len(kept[b]) == 3 + int(is_newline.sum())

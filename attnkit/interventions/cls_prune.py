@@ -27,6 +27,29 @@ def check_keep(name: str, keep: int | float) -> None:
         raise ValueError(f"{name}: keep={keep} is out of range; allowed: a count >= 1 or a ratio in (0, 1]")
 
 
+def _select(scores: torch.Tensor | None, groups: torch.Tensor, keep: int | float, what: str) -> torch.Tensor:
+    """Indices kept: tokens of group -1 always; the budget over the others, shared between groups in proportion
+    to their size, each group's share taken by top score (or evenly spaced when ``scores`` is None)."""
+    free = groups >= 0
+    n = int(free.sum())
+    k = keep_count(keep, n, what)
+    chosen = [(~free).nonzero().squeeze(1)]
+    ids = [int(g) for g in groups[free].unique()]
+    given = 0
+    for j, g in enumerate(ids):
+        members = (groups == g).nonzero().squeeze(1)
+        k_g = k - given if j == len(ids) - 1 else round(k * len(members) / n)
+        given += k_g
+        if k_g <= 0:
+            continue
+        if scores is None:
+            pick = torch.linspace(0, len(members) - 1, k_g).round().long()
+        else:
+            pick = torch.topk(scores[members], k_g).indices
+        chosen.append(members[pick])
+    return torch.cat(chosen).sort().values
+
+
 @register
 @dataclasses.dataclass
 class ClsPrune(Intervention):
@@ -42,6 +65,11 @@ class ClsPrune(Intervention):
 
     - ``keep`` (paper: visual_token_num, e.g. 144 = 75 % reduction of 576): a count per image, or a
       ratio in (0, 1] of each image's tokens. Default 0.25.
+    - LLaVA-NeXT (AnyRes): each crop is scored by its own [CLS] row and the scores are packed like the
+      features (base crop, unpadded grid, one newline per grid row). The budget counts the image's
+      patch tokens; base crop and grid share it in proportion to their token counts (FasterVLM keeps
+      the same k in each of its 5 fixed crops, which is the same rule for equal crops); newline tokens
+      are always kept, as in FasterVLM's spatial_unpad branch, and not counted.
     - ``score``: ``auto`` = the family's default: ``cls`` for CLIP towers; Qwen-VL has no [CLS], so
       ``received`` = mean attention each patch receives in the last full-attention vision block, pooled
       over the 2x2 merge unit (the author's recommendation). Ablations: ``received`` on CLIP too,
@@ -67,6 +95,8 @@ class ClsPrune(Intervention):
         self._kind = adapter.vision_scores[0] if self.score == "auto" else self.score
         if self._kind in ("cls", "received"):
             adapter.install_vision_scores(ctx.installed, self._kind, self._on_scores)
+        elif adapter.family == "llava_next":  # the packed layout (base / grid / newlines) comes with the scores
+            adapter.install_vision_scores(ctx.installed, "cls", self._on_scores)
         if self.positions == "compact" and adapter.family.startswith("qwen"):
             raise ValueError("cls-prune: positions='compact' reproduces FasterVLM's LLaVA code (1-D positions); "
                              f"{adapter.family} uses 3-D mrope positions: use positions='original'")
@@ -77,8 +107,8 @@ class ClsPrune(Intervention):
             return "both drop visual tokens from the LLM; use one of them"
         return None
 
-    def _on_scores(self, scores: list[torch.Tensor]) -> None:
-        self._pending = scores
+    def _on_scores(self, scores: list[torch.Tensor], groups: list[torch.Tensor] | None) -> None:
+        self._pending = (scores, groups)
 
     def _decide(self, state, embeds: torch.Tensor) -> torch.Tensor | None:
         spans = state.spans
@@ -87,23 +117,22 @@ class ClsPrune(Intervention):
             return None
         keep = torch.zeros_like(spans.visual)
         images = [(b, pos) for b in range(spans.batch_size) for pos in spans.images(b)]
-        if pending is not None and len(pending) != len(images):
-            raise RuntimeError(f"cls-prune: got vision scores for {len(pending)} images but the prompt holds "
+        if pending is not None and len(pending[0]) != len(images):
+            raise RuntimeError(f"cls-prune: got vision scores for {len(pending[0])} images but the prompt holds "
                                f"{len(images)}")
         gen = torch.Generator().manual_seed(self.seed)
         for i, (b, pos) in enumerate(images):
             n = len(pos)
-            k = keep_count(self.keep, n, f"image {i} of sample {b}")
-            if self._kind == "uniform":
-                chosen = torch.linspace(0, n - 1, k).round().long()
+            groups = pending[1][i] if pending is not None and pending[1] is not None else torch.zeros(n, dtype=torch.long)
+            if self._kind == "random":
+                s = torch.rand(n, generator=gen)
+            elif self._kind == "norm":
+                s = embeds[b, pos.to(embeds.device)].float().norm(dim=-1).cpu()
+            elif self._kind == "uniform":
+                s = None
             else:
-                if self._kind == "random":
-                    s = torch.rand(n, generator=gen)
-                elif self._kind == "norm":
-                    s = embeds[b, pos.to(embeds.device)].float().norm(dim=-1)
-                else:
-                    s = pending[i]
-                chosen = torch.topk(s.float().cpu(), k).indices
+                s = pending[0][i].float().cpu()
+            chosen = _select(s, groups, self.keep, f"image {i} of sample {b}")
             keep[b, pos[chosen.to(pos.device)]] = True
         return keep
 

@@ -83,9 +83,11 @@ class ModelAdapter:
     vision_scores: tuple[str, ...] = ()   # what install_vision_scores can capture; the first is the default
 
     def install_vision_scores(self, installed, kind: str, sink) -> None:
-        """Hook the vision tower so that each forward calls ``sink(scores)``: one 1-D tensor per image with
-        one score per visual token the LLM receives for it, in the LLM's order. ``kind`` is one of
-        :attr:`vision_scores`."""
+        """Hook the vision tower so that each forward calls ``sink(scores, groups)``: ``scores`` has one 1-D
+        tensor per image with one score per visual token the LLM receives for it, in the LLM's order
+        (+inf: a token that must stay, e.g. LLaVA-NeXT's row newlines); ``groups`` is None, or per image
+        the group of each token (budgets are shared between groups in proportion to their size; -1 =
+        always kept). ``kind`` is one of :attr:`vision_scores`."""
         raise NotImplementedError
 
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

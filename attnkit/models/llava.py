@@ -39,8 +39,6 @@ class LlavaAdapter(ModelAdapter):
         """
         if kind not in self.vision_scores:
             raise ValueError(f"score={kind!r} is not available for {self.family}; use one of {self.vision_scores}")
-        if self.family != "llava":
-            raise NotImplementedError("per-token vision scores for LLaVA-NeXT's AnyRes packing are not implemented")
         if not isinstance(self.model.config.vision_feature_layer, int):
             raise NotImplementedError("vision scores need a single vision_feature_layer")
         tower = self.vision_tower
@@ -68,11 +66,52 @@ class LlavaAdapter(ModelAdapter):
             s = s.mean(1)
             if self.model.config.vision_feature_select_strategy == "default":
                 s = s[:, 1:]
-            sink(list(s))
+            if self.family == "llava":
+                sink(list(s), None)
+            else:
+                captured["crops"] = s
 
         installed.forward_hook(attn.q_proj, keep_q)
         installed.forward_hook(attn.k_proj, keep_k)
         installed.forward_hook(attn, score)
+        if self.family == "llava_next":
+            self._install_next_packing(installed, captured, sink)
+
+    def _install_next_packing(self, installed, captured, sink) -> None:
+        """Map per-crop scores onto LLaVA-NeXT's packed tokens (base crop, unpadded grid, row newlines).
+
+        The scores ride through the model's own ``pack_image_features`` as a 1-dim feature, with +inf as
+        the newline embedding, so they land exactly where the features land. ``sink`` gets, per image,
+        the packed scores (+inf = newline token) and groups (0 = base crop, 1 = grid, -1 = newline).
+        ``image_sizes`` only reaches ``get_image_features``, so that method is wrapped on this instance
+        (restored on removal).
+        """
+        inner = self.model.model
+        original = inner.get_image_features
+        per_crop = self.patches_per_crop
+
+        @functools.wraps(original)
+        def get_image_features(pixel_values, image_sizes, *args, **kwargs):
+            out = original(pixel_values, image_sizes, *args, **kwargs)
+            crops = captured.pop("crops")
+            counts = _crops_per_image(self.model.config, image_sizes)
+            per_image = torch.split(crops[..., None].float(), counts)
+            newline = torch.tensor([float("inf")], device=crops.device)
+            strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+            packed, lens = inner.pack_image_features(list(per_image), image_sizes, strategy, image_newline=newline)
+            if isinstance(packed, torch.Tensor):
+                packed = torch.split(packed, [int(n) for n in lens])
+            scores = [f[:, 0] for f in packed]
+            groups = []
+            for sc in scores:
+                g = torch.ones(len(sc), dtype=torch.long)
+                g[:per_crop] = 0
+                g[torch.isinf(sc).cpu()] = -1
+                groups.append(g)
+            sink(scores, groups)
+            return out
+
+        installed.set_attr(inner, "get_image_features", get_image_features)
 
     @property
     def patches_per_crop(self) -> int:
@@ -100,3 +139,10 @@ class LlavaAdapter(ModelAdapter):
         ns._get_unpadded_features = functools.partial(LlavaNextProcessor._get_unpadded_features, ns)
         n = LlavaNextProcessor._get_number_of_features(ns, height, width, size, size)
         return n + int(cfg.vision_feature_select_strategy == "full")
+
+
+def _crops_per_image(config, image_sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                      patch_size=config.vision_config.image_size) for size in image_sizes]

@@ -87,7 +87,7 @@ class QwenVLAdapter(ModelAdapter):
                 window_index, _ = get_vision_window_index(grid, self.merge_size, visual.window_size,
                                                           visual.patch_size)
                 merged = merged[torch.argsort(window_index.to(merged.device))]
-            sink(list(torch.split(merged, (grid.prod(-1) // unit).tolist())))
+            sink(list(torch.split(merged, (grid.prod(-1) // unit).tolist())), None)
 
         installed.forward_pre_hook(visual, keep_grid, with_kwargs=True)
         installed.forward_pre_hook(attn, keep_inputs, with_kwargs=True)
