@@ -121,9 +121,10 @@ class ClsPrune(Intervention):
             raise RuntimeError(f"cls-prune: got vision scores for {len(pending[0])} images but the prompt holds "
                                f"{len(images)}")
         gen = torch.Generator().manual_seed(self.seed)
+        grouped = pending is not None and pending[1] is not None
         for i, (b, pos) in enumerate(images):
             n = len(pos)
-            groups = pending[1][i] if pending is not None and pending[1] is not None else torch.zeros(n, dtype=torch.long)
+            groups = pending[1][i] if grouped else torch.zeros(n, dtype=torch.long)
             if self._kind == "random":
                 s = torch.rand(n, generator=gen)
             elif self._kind == "norm":
