@@ -1,4 +1,5 @@
-"""bf16 and bitsandbytes 4-/8-bit models (the ``quant`` extra) wrap, generate and remove like the others."""
+"""bf16, bitsandbytes 4-/8-bit (the ``quant`` extra) and ``device_map="auto"`` models wrap, prune, generate and
+remove like the others."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def _load(family, path, mode):
            "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[family]
     if mode == "bf16":
         model = cls.from_pretrained(path, dtype=torch.bfloat16)
+    elif mode == "device_map":
+        model = cls.from_pretrained(path, device_map="auto")
     else:
         pytest.importorskip("bitsandbytes")
         qc = transformers.BitsAndBytesConfig(load_in_4bit=True) if mode == "4bit" else \
@@ -37,11 +40,11 @@ def _load(family, path, mode):
     return model.eval()
 
 
-@pytest.mark.parametrize("mode", ["bf16", "4bit", "8bit"])
+@pytest.mark.parametrize("mode", ["bf16", "4bit", "8bit", "device_map"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_quantized_wrap_generate_remove(saved, family, mode):
     model = _load(family, saved[family], mode)
-    if mode != "bf16":
+    if mode in ("4bit", "8bit"):
         assert "bit" in type(model.model.language_model.layers[0].self_attn.q_proj).__name__
     inputs = testing.tiny_inputs(testing.tiny_processor(family), batch=2)
     kw = dict(max_new_tokens=3, do_sample=False)
@@ -53,6 +56,11 @@ def test_quantized_wrap_generate_remove(saved, family, mode):
         stats = handle.stats()
         handle.remove()
         after = model.generate(**inputs, **kw)
+        for spec in ("cls-prune:keep=4", "fastv:k=1,keep=0.25"):
+            with attnkit.intervene(model, spec) as h:
+                pruned = model.generate(**inputs, **kw)
+                assert h.stats()[spec.split(":")[0]]["visual_tokens_kept"] == [4, 4]
+            assert pruned.shape == ref.shape
     assert torch.equal(out, ref) and torch.equal(after, ref)
     assert stats["visual_tokens"] == [16, 16]
     share = torch.tensor(stats["record"]["visual_share"][1])
