@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import functools
+
 import torch
 from transformers.masking_utils import create_causal_mask
 
@@ -75,9 +77,9 @@ class Dropper:
     language model starts (K = 0); for K > 0 an intervention calls :meth:`set_keep` before layer K.
     """
 
-    def __init__(self, ctx, from_layer: int, decide: Callable | None = None, compact_positions: bool = False):
+    def __init__(self, ctx, from_layer: int | None, decide: Callable | None = None, compact_positions: bool = False):
         n = ctx.adapter.num_layers
-        if not 0 <= from_layer < n:
+        if from_layer is not None and not 0 <= from_layer < n:
             raise ValueError(f"cannot drop tokens from layer {from_layer}; this model has layers 0..{n - 1}")
         if getattr(ctx.adapter.language_model, "has_sliding_layers", False):
             raise ValueError("dropping visual tokens is not supported for sliding-window layers")
@@ -96,16 +98,26 @@ class Dropper:
         inst.forward_pre_hook(self.lm, self._lm_pre, with_kwargs=True)
         inst.forward_hook(self.lm, self._lm_post)
         layers = ctx.adapter.decoder_layers
-        if from_layer > 0:
-            inst.forward_hook(layers[from_layer - 1], self._gather_output)
-            for layer in layers[from_layer:]:
-                inst.forward_pre_hook(layer, self._layer_pre, with_kwargs=True)
+        # a fixed K hooks layer K-1's output and layers >= K; a dynamic one (None: decided at run time) all
+        first = 1 if from_layer is None else max(from_layer, 1)
+        if from_layer != 0:
+            for i in range(first, n):
+                inst.forward_hook(layers[i - 1], functools.partial(self._gather_output, i - 1))
+                inst.forward_pre_hook(layers[i], functools.partial(self._layer_pre, i), with_kwargs=True)
 
     # --- decisions -----------------------------------------------------------------------------
-    def set_keep(self, keep: torch.Tensor | None) -> None:
+    def set_keep(self, keep: torch.Tensor | None, from_layer: int | None = None) -> None:
+        """Keep these prompt positions ([B, L] bool; non-visual ones always stay) from layer ``from_layer`` on."""
+        from_layer = self.from_layer if from_layer is None else from_layer
+        if keep is None:
+            self.plan = None
+            return
+        if self.from_layer is None and not 1 <= from_layer < self.ctx.adapter.num_layers:
+            raise ValueError(f"cannot drop tokens from layer {from_layer} at run time; use 1.."
+                             f"{self.ctx.adapter.num_layers - 1}")
         spans = self.ctx.state.spans
-        self.plan = None if keep is None else KeepPlan.from_keep(keep | ~spans.visual.to(keep.device),
-                                                                 spans.visual.to(keep.device), self.from_layer)
+        visual = spans.visual.to(keep.device)
+        self.plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
 
     @property
     def active(self) -> bool:
@@ -128,7 +140,7 @@ class Dropper:
         if state.step == 0 and q == state.spans.length:                      # prefill
             mask = kwargs.get("attention_mask")
             self._mask_2d = torch.ones(B, q, dtype=torch.long, device=embeds.device) if mask is None else mask
-            if self.from_layer > 0 or self.decide is None:
+            if self.from_layer != 0 or self.decide is None:
                 return None                       # K > 0: the plan comes from layer K-1; layers < K run as usual
             self.set_keep(self.decide(state, embeds))
             if self.plan is None:
@@ -147,10 +159,10 @@ class Dropper:
             return None
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
-            generated = cache.get_seq_length(self.from_layer) + q - self.plan.index.shape[1]
+            generated = cache.get_seq_length(self.plan.from_layer) + q - self.plan.index.shape[1]
             mask = torch.cat([self._mask_2d, self._mask_2d.new_ones(B, generated)], dim=1)
         self._decode_mask_2d = self.plan.compress_mask(mask)
-        if self.from_layer == 0:
+        if self.plan.from_layer == 0:
             kwargs["attention_mask"] = self._decode_mask_2d
         if not self._caller_positions:
             kwargs["position_ids"] = self._uncompressed_positions(kwargs.get("position_ids"), embeds, cache)
@@ -169,15 +181,15 @@ class Dropper:
 
     def _uncompressed_positions(self, position_ids, embeds, cache):
         """The model derived decode positions from the (shorter) cache: shift them back to the prompt's."""
-        cache_prompt = self.plan.index.shape[1] if self.from_layer == 0 else self.plan.prompt_len
+        cache_prompt = self.plan.index.shape[1] if self.plan.from_layer == 0 else self.plan.prompt_len
         shift = self.plan.prompt_len - cache_prompt
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(embeds.shape[1], device=embeds.device) + past).expand(embeds.shape[0], -1)
         return position_ids + shift
 
-    def _gather_output(self, module, args, output):
-        if self.plan is None or self.ctx.state.step != 0:
+    def _gather_output(self, layer_idx, module, args, output):
+        if self.plan is None or self.ctx.state.step != 0 or self.plan.from_layer != layer_idx + 1:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         if hidden.shape[1] != self.plan.prompt_len:
@@ -185,8 +197,8 @@ class Dropper:
         kept = self.plan.gather(hidden, 1)
         return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
-    def _layer_pre(self, module, args, kwargs):
-        if self.plan is None:
+    def _layer_pre(self, layer_idx, module, args, kwargs):
+        if self.plan is None or layer_idx < self.plan.from_layer:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         prefill = self.ctx.state.step == 0 and hidden.shape[1] == self.plan.index.shape[1]
@@ -208,7 +220,7 @@ class Dropper:
         else:
             mask_2d = self._decode_mask_2d
         out["attention_mask"] = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                                   past_key_values=cache, layer_idx=self.from_layer)
+                                                   past_key_values=cache, layer_idx=self.plan.from_layer)
         return out
 
     def _lm_post(self, module, args, output):
@@ -233,5 +245,5 @@ class Dropper:
         spans = self.ctx.state.spans
         kept = [[int(p) for p in self.plan.index[b][self.plan.slot_valid[b]] if spans.visual[b, p]]
                 for b in range(spans.batch_size)]
-        return {"from_layer": self.from_layer, "visual_tokens": self.plan.visual_before,
+        return {"from_layer": self.plan.from_layer, "visual_tokens": self.plan.visual_before,
                 "visual_tokens_kept": self.plan.visual_after, "kept_positions": kept}
