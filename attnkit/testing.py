@@ -211,3 +211,56 @@ def save_tiny(family: str, path, seed: int = 0) -> None:
     model, processor = tiny_model_and_processor(family, seed=seed)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+
+
+# --- references for equivalence tests ----------------------------------------------------------------
+SPECIAL_IDS = list(range(len(_SPECIAL)))  # pad, bos, eos, unk and the image markers
+
+
+def greedy_no_cache(model, inputs: dict, steps: int, positions_from_mask: bool = False,
+                    suppress: list[int] | None = None) -> torch.Tensor:
+    """Greedy decoding by full forwards on the growing sequence, without a KV cache (the reference that
+    ``generate()`` with a cache must match). ``positions_from_mask`` passes generate's position ids
+    (mask cumsum - 1) for 1-D-position models; ``suppress`` lists token ids never chosen (and must then be
+    given to ``generate(suppress_tokens=...)`` too)."""
+    inputs = dict(inputs)
+    for _ in range(steps):
+        kw = {}
+        if positions_from_mask:
+            kw["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(**inputs, **kw, use_cache=False).logits[:, -1]
+        if suppress:
+            logits[:, suppress] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    return inputs["input_ids"]
+
+
+def mask_keys(from_layer: int, dropped: list[list[int]]):
+    """A reference intervention: in layers >= ``from_layer`` no query attends to the key positions
+    ``dropped[b]`` of sample b (nothing is removed: the masking equivalent of dropping those tokens)."""
+    import dataclasses
+
+    from attnkit.interventions.base import Intervention
+
+    @dataclasses.dataclass
+    class MaskKeys(Intervention):
+        name = "reference-mask-keys"
+
+        def attention_layers(self, ctx):
+            return range(from_layer, ctx.adapter.num_layers)
+
+        def on_attention(self, call):
+            def hide(rows, scores):
+                scores = scores.clone()
+                for b, cols in enumerate(dropped):
+                    scores[b, :, :, list(cols)] = torch.finfo(torch.float32).min
+                return scores
+
+            call.edit_scores(hide)
+
+    return MaskKeys()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import attnkit
 from attnkit import testing
-from attnkit.interventions.base import Intervention
 
 PRUNE_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
-SPECIAL = list(range(11))  # pad, bos, eos, unk and the image/vision markers: random models must not emit them
+SPECIAL = testing.SPECIAL_IDS  # random models must not emit image markers (the no-cache loop re-reads them)
 GEN = dict(do_sample=False, suppress_tokens=SPECIAL)
 
 
@@ -148,21 +145,7 @@ def test_kept_set_is_top_k_of_independent_scores(tiny, family):
 
 
 def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    """Greedy decoding by full forwards on the growing sequence, no KV cache."""
-    inputs = dict(inputs)
-    for _ in range(steps):
-        kw = {}
-        if positions_from_mask:
-            kw["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(**inputs, **kw, use_cache=False).logits[:, -1]
-        logits[:, SPECIAL] = float("-inf")
-        nxt = logits.argmax(-1, keepdim=True)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-    return inputs["input_ids"]
+    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
 
 
 @pytest.mark.parametrize("family", PRUNE_FAMILIES)
@@ -175,25 +158,8 @@ def test_cls_prune_generate_equals_no_cache_loop(tiny, family):
     assert torch.equal(out, ref)
 
 
-@dataclasses.dataclass
-class MaskKeys(Intervention):
-    """Test reference: in layers >= k, no query may attend to the given key positions (no token removed)."""
-
-    name = "test-mask-keys"
-    k: int = 2
-    dropped: tuple = ()
-
-    def attention_layers(self, ctx):
-        return range(self.k, ctx.adapter.num_layers)
-
-    def on_attention(self, call):
-        def mask(rows, scores):
-            scores = scores.clone()
-            for b, cols in enumerate(self.dropped):
-                scores[b, :, :, list(cols)] = torch.finfo(torch.float32).min
-            return scores
-
-        call.edit_scores(mask)
+def MaskKeys(k, dropped):  # noqa: N802 - reads like the class it builds
+    return testing.mask_keys(k, dropped)
 
 
 def _dropped(inputs, image_token_id, kept):
