@@ -25,6 +25,7 @@ class RunState:
 
     spans: VisualSpans | None = None
     step: int = -1             # 0 = prefill, n = n-th decode step, -1 = nothing run yet
+    keep_plan: Any = None      # the token dropper's KeepPlan: which prompt positions layers >= its from_layer see
     forward_calls: int = 0
     prefill_ms: float | None = None
     _t0: float = field(default=0.0, repr=False)
@@ -88,7 +89,7 @@ class Handle:
             mask = self.adapter.forward_arg("attention_mask", args, kwargs)
             counts = self.adapter.image_token_counts(args, kwargs)
             state.spans = None if input_ids is None else self.adapter.visual_spans(input_ids, mask, counts)
-            state.step, state.forward_calls, state.prefill_ms = 0, 0, None
+            state.step, state.forward_calls, state.prefill_ms, state.keep_plan = 0, 0, None, None
             for iv in self.interventions:
                 iv.reset()
         else:

@@ -1,16 +1,18 @@
 """Visual-token pruning: prefill, decode and KV-cache cost of cls-prune and fastv against the baseline.
 
-    python -m benchmarks.pruning [--repeats 3] [--decode 8] [--families llava qwen2_vl] [--size mid|7b]
+    python -m benchmarks.pruning [--repeats 3] [--decode 8] [--families llava qwen2_vl] [--size mid|7b] [--no-vte]
 
 LLaVA-1.5 layout (CLIP at 336 px / 14 -> 576 visual tokens) at keep = 576 (none), 192, 128, 64, and
 Qwen2-VL with the same number of visual tokens at the matching ratios. Mid-size random-weight configs
 by default (real modeling code; latency does not depend on the weights); ``--size 7b`` builds the
 LLaVA-1.5-7B / Qwen2-VL-7B language-model shapes (for a GPU). All rows of a table come from one run.
 
-Columns: visual tokens the LLM sees; prefill = one ``generate(max_new_tokens=1)`` (vision + LLM);
-LLM prefill = the language-model part of it; decode = ms per further token; KV = cache bytes after
+Columns: visual tokens the LLM sees; prefill = start of ``generate()`` to the end of its first forward
+(vision + LLM); LLM prefill = that first forward alone; decode = median ms of the later forwards; KV = cache bytes after
 the prompt; peak = CUDA peak memory (n/a on CPU); speed-up / ideal = achieved LLM-prefill speed-up over
 the one expected from the sequence lengths alone (baseline tokens / kept tokens).
+A last table runs ``vte`` (visual-token exit) on a 32-layer config: exits after layers 2, 8, 16 and
+the calibrated policy (calibrated here on two images, on random weights: it shows the mechanics).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from benchmarks.common import machine
 SIZES = {
     "mid": testing.TinySize(hidden=1024, layers=8, heads=16, kv_heads=16, intermediate=2816, vision_hidden=256,
                             vision_layers=4, vision_heads=8, image=336, patch=14, vocab=256),
+    "deep": testing.TinySize(hidden=512, layers=32, heads=8, kv_heads=8, intermediate=1376, vision_hidden=256,
+                             vision_layers=4, vision_heads=8, image=336, patch=14, vocab=256),
     "7b": testing.TinySize(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vision_hidden=1024,
                            vision_layers=24, vision_heads=16, image=336, patch=14, vocab=32064),
 }
@@ -44,45 +48,57 @@ def _inputs(family: str, size: testing.TinySize, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _run(model, inputs, specs, decode: int, repeats: int, device) -> dict[str, dict]:
-    results: dict[str, dict] = {}
+def _run(model, inputs, specs, decode: int, repeats: int, device, clock=time.perf_counter) -> dict[str, dict]:
     samples: dict[str, dict[str, list[float]]] = {s: {"prefill": [], "llm": [], "decode": []} for s in specs}
     stats: dict[str, dict] = {}
     for r in range(repeats + 1):  # round 0 warms up
         for spec in specs:
             handle = attnkit.wrap(model, *([spec] if spec != "baseline" else []))
             try:
-                t1 = _timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), device)
-                llm_ms = handle.stats()["prefill_ms"]
-                kv = _kv_bytes(model, inputs)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                tn = _timed(lambda: model.generate(**inputs, max_new_tokens=1 + decode, do_sample=False), device)
+                prefill, llm, dec = _timed(model, inputs, 1 + decode, device, clock)
                 peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
                 st = handle.stats()
+                kv = _kv_bytes(model, inputs)
             finally:
                 handle.remove()
             if r:
-                samples[spec]["prefill"].append(t1)
-                samples[spec]["llm"].append(llm_ms / 1e3)
-                samples[spec]["decode"].append((tn - t1) / decode)
+                samples[spec]["prefill"].append(prefill)
+                samples[spec]["llm"].append(llm)
+                samples[spec]["decode"].append(dec)
                 name = spec.split(":")[0]
                 stats[spec] = {"visual": (st.get(name, {}).get("visual_tokens_kept") or st["visual_tokens"])[0],
                                "kv": kv, "peak": peak}
-    for spec in specs:
-        results[spec] = {k: statistics.median(v) for k, v in samples[spec].items()} | stats[spec]
-    return results
+    return {spec: {k: statistics.median(v) for k, v in samples[spec].items()} | stats[spec] for spec in specs}
 
 
-def _timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def _timed(model, inputs, new_tokens: int, device, clock) -> tuple[float, float, float]:
+    """One greedy ``generate()``: seconds from its start to the end of the prefill forward (image encoding
+    included: generate encodes the image before that forward), of the prefill forward alone (the LLM), and
+    the median of the decode forwards."""
+    marks: list[float] = []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def mark(*_):  # returns None: a hook's return value would replace the forward's inputs / output
+        sync()
+        marks.append(clock())
+
+    pre = model.register_forward_pre_hook(mark, prepend=True)
+    post = model.register_forward_hook(mark)
+    try:
+        sync()
+        t0 = clock()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    finally:
+        pre.remove()
+        post.remove()
+    forwards = [b - a for a, b in zip(marks[::2], marks[1::2])]
+    return marks[1] - t0, forwards[0], statistics.median(forwards[1:])
 
 
 def _kv_bytes(model, inputs) -> int:
@@ -91,7 +107,7 @@ def _kv_bytes(model, inputs) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def table(family: str, size_name: str, decode: int, repeats: int, device, dtype) -> None:
+def table(family: str, size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
     size = SIZES[size_name]
     model = testing.tiny_model(family, size=size, dtype=dtype).to(device)
     model.generation_config.eos_token_id = None
@@ -101,7 +117,7 @@ def table(family: str, size_name: str, decode: int, repeats: int, device, dtype)
             [f"fastv:k=2,keep={k / n_visual:.4g}" for k in KEEPS[1:]]
     if family == "llava":
         specs[1:4] = [f"cls-prune:keep={k}" for k in KEEPS[1:]]
-    res = _run(model, inputs, specs, decode, repeats, device)
+    res = _run(model, inputs, specs, decode, repeats, device, clock)
     base = res["baseline"]
     length = inputs["input_ids"].shape[1]
     print(f"\n{family} ({size_name}: hidden {size.hidden}, {size.layers} layers; prompt {length} tokens, "
@@ -122,18 +138,59 @@ def table(family: str, size_name: str, decode: int, repeats: int, device, dtype)
               f"{speed / ideal:.2f} |", flush=True)
 
 
+def vte_table(size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
+    """vte on a 32-layer LLaVA-1.5 layout: fixed exits after layers 2, 8, 16 and the calibrated policy."""
+    import tempfile
+    from pathlib import Path
+
+    from attnkit.interventions.vte_calibration import calibrate_exit_layer
+
+    size = SIZES["deep" if size_name == "mid" else size_name]
+    model = testing.tiny_model("llava", size=size, dtype=dtype).to(device)
+    model.generation_config.eos_token_id = None
+    inputs = _inputs("llava", size, device)
+    processor = testing.tiny_processor("llava", size)
+
+    class Sample:
+        def __init__(self, i):
+            self.image, self.question = testing.tiny_image(i, size.image, size.image), "describe this image"
+
+    calibration = Path(tempfile.mkdtemp()) / "exit.json"
+    chosen = calibrate_exit_layer(model, processor, [Sample(i) for i in range(2)], calibration)["exit_layer"]
+    specs = ["baseline"] + [f"vte:policy=layer,exit_layer={k}" for k in (2, 8, 16)] + [f"vte:calibration={calibration}"]
+    res = _run(model, inputs, specs, decode, repeats, device, clock)
+    base = res["baseline"]
+    print(f"\nvte on llava ({size.layers} layers, hidden {size.hidden}; prompt {inputs['input_ids'].shape[1]} "
+          f"tokens; calibrated exit on 2 random images of this random model: layer {chosen}; median of {repeats})")
+    print("| intervention | prefill ms | LLM prefill ms | decode ms/tok | KV MiB | KV vs baseline | LLM speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for spec, r in res.items():
+        name = spec if "calibration" not in spec else f"vte:calibrated (exit {chosen})"
+        print(f"| {name} | {r['prefill'] * 1e3:.0f} | {r['llm'] * 1e3:.0f} | {r['decode'] * 1e3:.1f} | "
+              f"{r['kv'] / 2**20:.1f} | {r['kv'] / base['kv']:.2f} | {base['llm'] / r['llm']:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", type=int, default=8, help="decode steps timed per run")
     parser.add_argument("--families", nargs="+", default=["llava", "qwen2_vl"])
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+    parser.add_argument("--no-vte", action="store_true", help="skip the vte table (32-layer config)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="process: CPU time of one torch thread (robust on a shared CPU; not for GPUs)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"device: {machine()}; torch {torch.__version__}")
+    clock = time.perf_counter
+    if args.clock == "process":
+        torch.set_num_threads(1)
+        clock = time.process_time
+    print(f"device: {machine()}; torch {torch.__version__}; {args.clock} clock")
     for family in args.families:
-        table(family, args.size, args.decode, args.repeats, device, dtype)
+        table(family, args.size, args.decode, args.repeats, device, dtype, clock)
+    if not args.no_vte:
+        vte_table(args.size, args.decode, args.repeats, device, dtype, clock)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,27 @@ def dispatch_name(base: str) -> str:
     name = PREFIX + base
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _make_dispatcher(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+        AttentionMaskInterface.register(name, _make_mask(base))
     return name
+
+
+# mask overlays (``mma``), keyed by id() of the text config that ``create_causal_mask`` passes as ``config``:
+# ``overlay(kwargs) -> kwargs`` edits the base mask function's keyword arguments. A config attribute would
+# leak into ``config.to_dict()``; this registry holds only wrapped models' configs (removed on unwrap).
+MASK_OVERLAYS: dict[int, Callable[[dict], dict]] = {}
+
+
+def _make_mask(base: str) -> Callable:
+    base_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base]
+
+    def mask(*args, **kwargs):
+        overlay = MASK_OVERLAYS.get(id(kwargs.get("config"))) if MASK_OVERLAYS else None
+        if overlay is not None:
+            kwargs = overlay(kwargs)
+        return base_mask(*args, **kwargs)
+
+    mask.__name__ = f"{PREFIX}{base}_mask"
+    return mask
 
 
 def _make_dispatcher(base: str) -> Callable:

@@ -17,10 +17,9 @@ masked. Needs a dynamic (growing) KV cache.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import functools
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -110,14 +109,14 @@ class Dropper:
         """Keep these prompt positions ([B, L] bool; non-visual ones always stay) from layer ``from_layer`` on."""
         from_layer = self.from_layer if from_layer is None else from_layer
         if keep is None:
-            self.plan = None
+            self.plan = self.ctx.state.keep_plan = None
             return
         if self.from_layer is None and not 1 <= from_layer < self.ctx.adapter.num_layers:
             raise ValueError(f"cannot drop tokens from layer {from_layer} at run time; use 1.."
                              f"{self.ctx.adapter.num_layers - 1}")
         spans = self.ctx.state.spans
         visual = spans.visual.to(keep.device)
-        self.plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
+        self.plan = self.ctx.state.keep_plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
 
     @property
     def active(self) -> bool:

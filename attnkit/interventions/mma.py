@@ -118,7 +118,12 @@ class MMA(Intervention):
         img, txt = self._img, self._txt
         if img is None or kwargs.get("q_length", 1) <= 1:
             return kwargs
-        # only the prompt's own layout: a shortened sequence (token dropping) or another batch keeps plain causal
+        plan = getattr(self._state, "keep_plan", None)
+        if plan is not None and kwargs.get("kv_length") == plan.index.shape[1] != img.shape[1]:
+            # layers after a token dropper (published as ``state.keep_plan``) see only the kept positions
+            index, slot = plan.index.to(img.device), plan.slot_valid.to(img.device)
+            img, txt = img.gather(1, index) & slot, txt.gather(1, index) & slot
+        # any other layout (an unknown shortened sequence, another batch) keeps the plain causal mask
         if kwargs.get("kv_length") != img.shape[1] or kwargs.get("batch_size") != img.shape[0]:
             return kwargs
         if not bool((img.any(1) & txt.any(1)).any()):

@@ -10,17 +10,41 @@ import torch
 from attnkit.interventions.base import Intervention, param, register
 
 
-def visual_keys(spans, kv_len: int, device: torch.device) -> torch.Tensor | None:
-    """[B, kv] True on the key columns that hold visual tokens (prompt positions; later columns are generated text).
+@dataclasses.dataclass
+class PromptLayout:
+    """The prompt as one layer's keys see it: [B, P] masks over its P prompt columns (generated columns follow).
 
-    None when the spans do not describe this call (no spans, or more prompt positions than keys).
+    Without token dropping P is the prompt length and the masks are the visual spans'. When a dropper
+    publishes its plan as ``state.keep_plan`` (``index`` [B, Lk] kept prompt positions, ``slot_valid``,
+    ``from_layer``), layers from ``from_layer`` on see only the kept positions, in that order.
     """
-    if spans is None or spans.length > kv_len:
+
+    visual: torch.Tensor
+    valid: torch.Tensor
+    text_after_image: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.visual.shape[1]
+
+    def keys(self, kv_len: int, mask: torch.Tensor) -> torch.Tensor | None:
+        """``mask`` [B, P] padded with False to ``kv_len`` key columns; None if the call has fewer columns."""
+        if kv_len < self.length:
+            return None
+        return torch.nn.functional.pad(mask, (0, kv_len - self.length), value=False)
+
+
+def prompt_layout(state, layer_idx: int, device: torch.device) -> PromptLayout | None:
+    """The :class:`PromptLayout` of decoder layer ``layer_idx`` for the current request (None: no spans)."""
+    spans = state.spans
+    if spans is None:
         return None
-    visual = spans.visual.to(device)
-    if kv_len > spans.length:
-        visual = torch.nn.functional.pad(visual, (0, kv_len - spans.length), value=False)
-    return visual
+    visual, valid, text = spans.visual, spans.valid, spans.text_after_image()
+    plan = getattr(state, "keep_plan", None)
+    if plan is not None and layer_idx >= plan.from_layer:
+        index, slot = plan.index.to(visual.device), plan.slot_valid.to(visual.device)
+        visual, valid, text = (m.gather(1, index) & slot for m in (visual, valid, text))
+    return PromptLayout(visual.to(device), valid.to(device), text.to(device))
 
 
 @register
@@ -50,6 +74,7 @@ class PAI(Intervention):
     def __post_init__(self):
         super().__post_init__()
         self._calls = 0
+        self._layouts: dict[tuple, PromptLayout | None] = {}
 
     def attention_layers(self, ctx) -> list[int]:
         end = ctx.adapter.num_layers if self.end_layer is None else self.end_layer
@@ -60,11 +85,16 @@ class PAI(Intervention):
         return list(range(self.start_layer, end))
 
     def reset(self) -> None:
-        self._calls = 0
+        self._calls, self._layouts = 0, {}
 
     def on_attention(self, call) -> None:
-        visual = visual_keys(call.state.spans, call.kv_len, call.query.device)
-        if visual is None or not bool(visual.any()):
+        key = (call.layer_idx, id(call.state.spans), id(getattr(call.state, "keep_plan", None)))
+        if key not in self._layouts:  # once per request and layer: decode steps need no host synchronisation
+            layout = prompt_layout(call.state, call.layer_idx, call.query.device)
+            self._layouts[key] = layout if layout is not None and bool(layout.visual.any()) else None
+        layout = self._layouts[key]
+        visual = None if layout is None else layout.keys(call.kv_len, layout.visual)
+        if visual is None:
             return
         last = call.q_len - 1
         image = visual[:, None, None, :]  # [B, 1, 1, kv]

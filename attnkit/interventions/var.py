@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from attnkit.interventions.base import Intervention, param, register
-from attnkit.interventions.pai import visual_keys
+from attnkit.interventions.pai import prompt_layout
 from attnkit.interventions.sinks import SINK_DIMS, find_sink_dims, known_sink_dims, llm_key, sink_value
 
 __all__ = ["VAR", "find_sink_dims", "redistribute"]
@@ -28,16 +28,25 @@ def redistribute(probs: torch.Tensor, sink: torch.Tensor, visual: torch.Tensor, 
 
     Rows that see no non-sink visual key are never selected (nothing could receive the mass).
     """
-    sink_f = sink[:, None, None, :].to(probs.dtype)
-    rest = (visual & ~sink)[:, None, None, :]
-    visual_mass = (probs * visual[:, None, None, :].to(probs.dtype)).sum(-1)      # [B, H, r]
-    rest_mass = (probs * rest.to(probs.dtype)).sum(-1)
-    sink_mass = (probs * sink_f).sum(-1)
-    selected = (edit_rows[:, None, :] & (visual_mass >= min_visual) & (rest_mass >= rho * visual_mass)
-                & (rest_mass > 0))
-    gain = (p * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny))[..., None]
-    edited = probs * (1 - p * sink_f) + torch.where(rest, probs * gain, 0.0)
-    return torch.where(selected[..., None], edited, probs), selected
+    return _redistribute(probs, key_masks(sink, visual, probs.dtype), edit_rows, p, rho, min_visual)
+
+
+def key_masks(sink: torch.Tensor, visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, kv, 3] float columns (visual, non-sink visual, sink): the three attention masses in one matmul."""
+    return torch.stack([visual, visual & ~sink, sink], dim=-1).to(dtype)[:, None]
+
+
+def _redistribute(probs: torch.Tensor, masks: torch.Tensor, edit_rows: torch.Tensor, p: float, rho: float,
+                  min_visual: float) -> tuple[torch.Tensor, torch.Tensor]:
+    visual_mass, rest_mass, sink_mass = torch.matmul(probs, masks).unbind(-1)           # [B, H, r] each
+    selected = edit_rows[:, None, :] & (visual_mass >= min_visual) & (rest_mass >= rho * visual_mass)
+    if rho == 0 or min_visual == 0:  # otherwise implied: rest >= rho * visual >= rho * min_visual > 0
+        selected &= rest_mass > 0
+    gain = torch.where(selected, p * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny), 0.0)
+    moved = torch.where(selected, p, 0.0)
+    rest_f, sink_f = masks[..., 1].unsqueeze(2), masks[..., 2].unsqueeze(2)            # [B, 1, 1, kv]
+    # a'_ij = a_ij * (1 - p [j in S] + gain_i [j in V \ S]); unselected rows: factor 1
+    return probs * (1 - moved[..., None] * sink_f + gain[..., None] * rest_f), selected
 
 
 @register
@@ -88,6 +97,7 @@ class VAR(Intervention):
         self._sinks: dict[int, torch.Tensor | None] = {}
         self._dims: tuple[int, ...] = ()
         self._counts: dict[int, list[torch.Tensor]] = {}
+        self._prep: dict[tuple, tuple | None] = {}
 
     # --- install ------------------------------------------------------------------------------
     def attach(self, ctx) -> None:
@@ -115,63 +125,99 @@ class VAR(Intervention):
             state = self._state
             if state.step != 0:
                 return
-            spans = state.spans
             hidden = args[0] if args else kwargs["hidden_states"]
-            if spans is None or tuple(hidden.shape[:2]) != tuple(spans.visual.shape):
-                self._sinks[layer] = None  # the layout is not the prompt's (e.g. an unknown token dropper)
+            layout = prompt_layout(state, layer, hidden.device)
+            if layout is None or tuple(hidden.shape[:2]) != tuple(layout.visual.shape):
+                self._sinks[layer] = None  # a layout we cannot map to prompt positions
                 return
-            sink = (sink_value(hidden, self._dims) >= self.tau) & spans.valid.to(hidden.device)
+            sink = (sink_value(hidden, self._dims) >= self.tau) & layout.valid
             if not self.text_sinks:
-                sink &= spans.visual.to(hidden.device)
+                sink &= layout.visual
             self._sinks[layer] = sink
 
         return hook
 
     def reset(self) -> None:
-        self._sinks, self._counts = {}, {}
+        self._sinks, self._counts, self._prep = {}, {}, {}
 
     # --- attention ----------------------------------------------------------------------------
+    def _prepared(self, call):
+        """What this layer needs for the current request, computed once per request and layer (decode steps
+        then cost no host synchronisation here): (layout, key masks with room for generated columns,
+        has-image per sample), or None if the layer has nothing to move."""
+        key = (call.layer_idx, id(call.state.spans), id(getattr(call.state, "keep_plan", None)))
+        if key not in self._prep:
+            sink = self._sinks.get(call.layer_idx)
+            layout = prompt_layout(call.state, call.layer_idx, call.query.device)
+            ok = (sink is not None and layout is not None and sink.shape == layout.visual.shape
+                  and bool(sink.any()) and bool(layout.visual.any()))
+            self._prep[key] = None
+            if ok:
+                room = layout.length + 256
+                masks = key_masks(layout.keys(room, sink.to(call.query.device)), layout.keys(room, layout.visual),
+                                  torch.float32)
+                self._prep[key] = (layout, masks, layout.visual.any(1)[:, None])
+        prep = self._prep[key]
+        if prep is not None and prep[1].shape[2] < call.kv_len:  # long generation: grow the zero (text) columns
+            masks = torch.nn.functional.pad(prep[1], (0, 0, 0, call.kv_len + 256 - prep[1].shape[2]))
+            prep = self._prep[key] = (prep[0], masks, prep[2])
+        return prep
+
     def on_attention(self, call) -> None:
-        spans, sink = call.state.spans, self._sinks.get(call.layer_idx)
-        if spans is None or sink is None or not spans.has_images():
+        prepared = self._prepared(call)
+        if prepared is None:
             return
+        layout, masks, has_image = prepared
         device, kv, q = call.query.device, call.kv_len, call.q_len
-        visual = visual_keys(spans, kv, device)
-        if visual is None or not bool(sink.any()):
+        if kv < layout.length:
             return
-        sink = torch.nn.functional.pad(sink.to(device), (0, kv - sink.shape[1]), value=False)
-        # query rows sit at absolute positions kv-q ... kv-1; prompt rows: text after the first image,
-        # generated rows: any sample that has an image
-        pos = torch.arange(kv - q, kv, device=device)
-        in_prompt = pos < spans.length
-        text = spans.text_after_image().to(device)[:, pos.clamp(max=spans.length - 1)]
-        has_image = spans.visual.any(1).to(device)[:, None]
-        edit_rows = torch.where(in_prompt[None, :], text, has_image)
-        if not bool(edit_rows.any()):
-            return
-        counts = self._counts.setdefault(call.layer_idx, [])
+        masks = masks[:, :, :kv]
+        if q == 1 and kv > layout.length:
+            edit_rows = has_image                   # a generated token: edited in every sample with an image
+            lo, hi = 0, 1
+        else:
+            # query rows sit at key columns kv-q ... kv-1; prompt rows: text after the sample's first image
+            pos = torch.arange(kv - q, kv, device=device)
+            text = layout.text_after_image[:, pos.clamp(max=layout.length - 1)]
+            edit_rows = torch.where((pos < layout.length)[None, :], text, has_image)
+            rows_any = edit_rows.any(0).nonzero()
+            if rows_any.numel() == 0:
+                return
+            lo, hi = int(rows_any[0]), int(rows_any[-1]) + 1     # the block of rows worth editing (prefill: text)
+        counts = self._counts.setdefault(call.layer_idx, []) if q > 1 else None   # stats: prefill rows only
+        p, rho, floor = self.p, self.rho, self.min_visual_attention
 
         def edit(rows: slice, probs: torch.Tensor) -> torch.Tensor:
-            out, selected = redistribute(probs, sink, visual, edit_rows[:, rows], self.p, self.rho,
-                                         self.min_visual_attention)
-            counts.append(torch.stack([selected.sum(), edit_rows[:, rows].sum() * probs.shape[1]]))
-            return out
+            a, b = max(lo, rows.start), min(hi, rows.stop)
+            if a >= b:
+                return probs
+            sub = slice(a - rows.start, b - rows.start)
+            out, selected = _redistribute(probs[:, :, sub], masks.to(probs.dtype), edit_rows[:, a:b], p, rho, floor)
+            if counts is not None:
+                counts.append(selected.sum())
+                counts.append(edit_rows[:, a:b].sum() * probs.shape[1])
+            if sub.start == 0 and sub.stop == probs.shape[2]:
+                return out
+            probs = probs.clone()
+            probs[:, :, sub] = out
+            return probs
 
         call.edit_probs(edit)
 
     def stats(self) -> dict[str, Any]:
-        """Per layer: sink tokens (all / visual) at prefill and the share of (head, row) pairs edited."""
-        spans = self._state.spans if hasattr(self, "_state") else None
+        """Per layer: sink tokens (all / visual) and the share of (head, text row) pairs edited, at prefill."""
+        state = getattr(self, "_state", None)
         layers = {}
         for layer, sink in sorted(self._sinks.items()):
             if sink is None:
                 layers[layer] = {"skipped": "hidden states do not match the visual spans"}
                 continue
             entry: dict[str, Any] = {"sinks": sink.sum(1).tolist()}
-            if spans is not None and spans.visual.shape == sink.shape:
-                entry["visual_sinks"] = (sink & spans.visual.to(sink.device)).sum(1).tolist()
+            layout = None if state is None else prompt_layout(state, layer, sink.device)
+            if layout is not None and layout.visual.shape == sink.shape:
+                entry["visual_sinks"] = (sink & layout.visual).sum(1).tolist()
             if self._counts.get(layer):
-                sel, tot = torch.stack(self._counts[layer]).sum(0).tolist()
+                sel, tot = torch.stack(self._counts[layer]).view(-1, 2).sum(0).tolist()
                 entry["image_centric_share"] = sel / tot if tot else 0.0
             layers[layer] = entry
         return {"sink_dims": list(self._dims), "layers": layers}

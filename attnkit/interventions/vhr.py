@@ -14,6 +14,8 @@ import torch
 
 from attnkit.interventions.base import Intervention, param, register
 
+_DROPPING = {"cls-prune", "fastv", "vte"}  # interventions that remove tokens inside the LLM
+
 
 def default_layers(num_layers: int) -> list[int]:
     """The paper's {1} ∪ last 14 layers of 32, scaled: {1} ∪ the last round(14 · L / 32) layers."""
@@ -74,6 +76,7 @@ class VHR(Intervention):
     def __post_init__(self):
         super().__post_init__()
         self._factor: dict[int, torch.Tensor] = {}
+        self._chosen: dict[int, torch.Tensor] = {}
         self._vhd: dict[int, torch.Tensor] = {}
         self._fixed: dict[int, torch.Tensor] | None = None
         self._selecting = False
@@ -96,6 +99,12 @@ class VHR(Intervention):
             raise ValueError(f"vhr: layers {bad} do not exist; this model has layers 0..{n - 1}")
         return layers
 
+    def conflicts_with(self, other: Intervention) -> str | None:
+        if self.scores is None and (other.name in _DROPPING or hasattr(other, "_dropper")):
+            return (f"per-sample vhr runs an extra prefill with and without the image, which {other.name}'s token "
+                    f"dropping does not follow; use precomputed heads (vhr:scores=heads.json, from VHR.calibrate)")
+        return None
+
     def _load(self, path: Path, adapter) -> dict[int, torch.Tensor]:
         data = json.loads(path.read_text())
         if data.get("method") != "vhr" or data.get("num_heads") != adapter.num_heads:
@@ -106,27 +115,30 @@ class VHR(Intervention):
         missing = [i for i in self._layers if i not in scores]
         if missing:
             raise ValueError(f"vhr: {path} has no scores for layers {missing}; it has {sorted(scores)}")
-        return {i: self._factors(select_heads(scores[i]))[None, None, :, None] for i in self._layers}
+        self._chosen = {i: select_heads(scores[i])[None] for i in self._layers}
+        return {i: self._factors(c)[:, None, :, None] for i, c in self._chosen.items()}
 
     def _factors(self, chosen: torch.Tensor) -> torch.Tensor:
         return torch.where(chosen, self.alpha, 1.0)
 
     def reset(self) -> None:
         if self._fixed is None:
-            self._factor, self._vhd = {}, {}
+            self._factor, self._chosen, self._vhd = {}, {}, {}
 
     # --- per-sample selection: one lockstep forward of [with image; without image] ----------------
     def _before_forward(self, module, args, kwargs) -> None:
         state = self._state
         if state.step != 0 or self._selecting:
             return
-        self._factor, self._vhd = {}, {}
+        self._factor, self._chosen, self._vhd = {}, {}, {}
         spans = state.spans
         if spans is None or not spans.has_images():
             return
         names = list(inspect.signature(self._model.forward).parameters)
         call = {**dict(zip(names, args)), **kwargs}
         inner, text_mask = self._paired_inputs(call, spans)
+        if "logits_to_keep" in names:
+            inner["logits_to_keep"] = 1  # only head outputs are needed: skip the full-vocabulary logits
         counts = self._adapter.image_token_counts(args, kwargs)
         saved_spans = state.spans
         saved_rope = [(m, m.__dict__["rope_deltas"]) for m in self._model.modules() if "rope_deltas" in m.__dict__]
@@ -202,14 +214,15 @@ class VHR(Intervention):
         rows = out[torch.arange(2 * B, device=out.device), self._last.to(out.device)]   # [2B, H, D]
         vhd = head_divergence(rows[:B], rows[B:])
         vhd = torch.where(self._has_image.to(vhd.device)[:, None], vhd, 0.0)
-        factor = self._factors(select_heads(vhd))[:, None, :, None]                   # [B, 1, H, 1]
-        self._vhd[layer], self._factor[layer] = vhd.cpu(), factor
+        chosen = select_heads(vhd)
+        factor = self._factors(chosen)[:, None, :, None]                              # [B, 1, H, 1]
+        self._vhd[layer], self._chosen[layer], self._factor[layer] = vhd.cpu(), chosen.cpu(), factor
         return out * torch.cat([factor, factor]).to(device=out.device, dtype=out.dtype)
 
     def stats(self) -> dict[str, Any]:
         """Per layer: the reinforced heads (per sample, or shared when loaded from ``scores``)."""
-        heads = {layer: [(f[b, 0, :, 0] != 1).nonzero().flatten().tolist() for b in range(f.shape[0])]
-                 for layer, f in sorted(self._factor.items())}
+        heads = {layer: [c[b].nonzero().flatten().tolist() for b in range(c.shape[0])]
+                 for layer, c in sorted(self._chosen.items())}
         return {"mode": "precomputed" if self._fixed is not None else "per-sample", "heads": heads}
 
     # --- calibration --------------------------------------------------------------------------
@@ -224,15 +237,20 @@ class VHR(Intervention):
 
         vhr = cls(alpha=alpha, layers=layers)
         total: dict[int, torch.Tensor] = {}
-        n = 0
+        n = skipped = 0
         device = next(model.parameters()).device
         with intervene(model, vhr) as handle:
             for sample in samples:
                 content = [{"type": "image"}, {"type": "text", "text": sample.question}]
                 prompt = processor.apply_chat_template([{"role": "user", "content": content}],
                                                        add_generation_prompt=True)
-                with Image.open(sample.image) as im:
-                    inputs = processor(images=[im.convert("RGB")], text=[prompt], return_tensors="pt").to(device)
+                try:
+                    with Image.open(sample.image) as im:
+                        image = im.convert("RGB")
+                except (OSError, TypeError, ValueError):  # missing or unreadable image: the sample is skipped
+                    skipped += 1
+                    continue
+                inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
                 with torch.no_grad():
                     model(**inputs)
                 for layer, vhd in vhr._vhd.items():
@@ -240,9 +258,10 @@ class VHR(Intervention):
                 n += 1
             num_heads = handle.adapter.num_heads
         if n == 0:
-            raise ValueError("vhr.calibrate: no samples given")
+            raise ValueError(f"vhr.calibrate: no usable sample ({skipped} with a missing or unreadable image)")
         data = {"method": "vhr", "model": type(model).__name__, "num_heads": num_heads, "alpha": alpha,
-                "samples": n, "layers": {str(k): [round(float(x) / n, 6) for x in v] for k, v in sorted(total.items())}}
+                "samples": n, "skipped": skipped,
+                "layers": {str(k): [round(float(x) / n, 6) for x in v] for k, v in sorted(total.items())}}
         if any(not math.isfinite(x) for v in data["layers"].values() for x in v):
             raise ValueError("vhr.calibrate: non-finite head scores; check the model and inputs")
         Path(out_path).write_text(json.dumps(data, indent=1))
