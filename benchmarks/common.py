@@ -28,23 +28,24 @@ def mid_inputs(family: str, size: testing.TinySize = MID, batch: int = 1):
     return testing.tiny_inputs(processor, batch=batch, image_sizes=[(size.image, size.image)])
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds for one call."""
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def paired(plain: Callable[[], object], setup: Callable[[], object], run: Callable[[], object],
-           teardown: Callable[[], object], repeats: int = 9, warmup: int = 2) -> dict[str, float]:
+           teardown: Callable[[], object], repeats: int = 9, warmup: int = 2,
+           clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of ``plain()`` and of ``run()`` (between an untimed ``setup()``/``teardown()``), in turns,
     plus the median of the per-round ratios (robust to load that drifts during the run)."""
     times: dict[str, list[float]] = {"plain": [], "run": [], "ratio": []}
     for i in range(warmup + repeats):
-        a = timed(plain)
+        a = timed(plain, clock)
         setup()
         try:
-            b = timed(run)
+            b = timed(run, clock)
         finally:
             teardown()
         if i >= warmup:

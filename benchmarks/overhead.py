@@ -23,7 +23,7 @@ from attnkit import testing
 from benchmarks.common import machine, mid_inputs, mid_model, paired
 
 
-def overhead(family: str, repeats: int) -> dict[str, float]:
+def overhead(family: str, repeats: int, clock=time.perf_counter) -> dict[str, float]:
     model = mid_model(family)
     inputs = mid_inputs(family)
     handles = []
@@ -33,7 +33,7 @@ def overhead(family: str, repeats: int) -> dict[str, float]:
             model(**inputs)
 
     r = paired(forward, lambda: handles.append(attnkit.wrap(model)), forward, lambda: handles.pop().remove(),
-               repeats=repeats)
+               repeats=repeats, clock=clock)
     return {"tokens": inputs["input_ids"].shape[1], **r}
 
 
@@ -108,11 +108,15 @@ def main() -> None:
     if args.interventions is not None:
         main_interventions(args)
         return
-    print(f"device: {machine()}; torch {torch.__version__}")
+    clock = time.perf_counter
+    if args.clock == "process":
+        torch.set_num_threads(1)
+        clock = time.process_time
+    print(f"device: {machine()}; torch {torch.__version__}; {args.clock} clock")
     print("| family | tokens | unwrapped ms | wrapped (no-op) ms | median ratio |")
     print("|---|---|---|---|---|")
     for family in args.families:
-        r = overhead(family, args.repeats)
+        r = overhead(family, args.repeats, clock)
         print(f"| {family} | {r['tokens']} | {r['plain'] * 1e3:.1f} | {r['run'] * 1e3:.1f} | {r['ratio']:.3f} |",
               flush=True)
 
