@@ -7,7 +7,11 @@
 # An interrupted run resumes: run the same command again. Without MODEL/DATA it runs on the embedded demo.
 set -euo pipefail
 
-SWEEP=${SWEEP:-"cls-prune:keep=8,16,36,64"}
+if [[ -n "${MODEL:-}" ]]; then
+    SWEEP=${SWEEP:-"cls-prune:keep=64,128,192,288"}    # of LLaVA-1.5's 576 visual tokens
+else
+    SWEEP=${SWEEP:-"cls-prune:keep=9,18,36,72"}        # of the demo model's 144
+fi
 OUT=${OUT:-attnkit_runs/ablation_pope}
 LIMIT=${LIMIT:-100}                          # questions per POPE split
 GPUS=${GPUS:-1}

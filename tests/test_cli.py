@@ -78,6 +78,30 @@ def test_pope_corrupt_and_missing_images_are_error_rows(models, tmp_path, capsys
     assert len(_rows(tmp_path, "baseline")) == 10
 
 
+def test_interrupted_cli_run_exits_130_and_the_rerun_completes(models, tmp_path, capsys, monkeypatch):
+    from attnkit.eval import runner
+
+    args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "2",
+            "--out", str(tmp_path), *FAST]
+    real, calls = runner.generate_one, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:          # 1 warm-up + 3 samples written, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate_one", flaky)
+    assert cli.main(args) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert [r["id"] for r in _rows(tmp_path, "baseline")] == ["random/1", "random/2", "popular/1"]
+    monkeypatch.setattr(runner, "generate_one", real)
+    assert cli.main(args) == 0
+    ids = [r["id"] for r in _rows(tmp_path, "baseline")]
+    assert sorted(ids) == sorted(f"{s}/{i}" for s in ("random", "popular", "adversarial") for i in (1, 2))
+    assert len(ids) == 6
+
+
 @pytest.mark.parametrize("bench,folder,where", [
     ("pope", "pope_bad_json", "coco_pope_popular.json:2: invalid JSON"),
     ("pope", "pope_bad_label", "coco_pope_random.json:3: field 'label'"),
@@ -221,6 +245,12 @@ def test_default_eval_without_the_demo_is_a_clear_error(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", None)
     assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 2
     assert "embedded demo (attnkit.synth.demo) is not available" in capsys.readouterr().err
+    demo = types.ModuleType("attnkit.synth.demo")
+    demo.demo_model_path = lambda: tmp_path / "not-built"
+    demo.demo_data_path = lambda: DATA / "pope"
+    monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
+    assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 2
+    assert "embedded demo model is missing from this install" in capsys.readouterr().err
 
 
 def test_list_names_interventions_models_benchmarks(capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from attnkit import handle_of, testing
-from attnkit.eval.runner import build_inputs
 from attnkit.integrations import lmms_eval as adapter
+from attnkit.models.prompts import build_inputs
 
 TASK, SPLIT = "pope_fake", "test"
 QUESTIONS = ["is there a cat in the image ?", "what color is the large circle ?", "how many dogs", "describe this"]

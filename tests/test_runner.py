@@ -241,3 +241,28 @@ def test_report_deltas_arrows_and_plots(tmp_path):
     assert (tmp_path / "fake_metric_vs_tokens.png").stat().st_size > 1000
     assert (tmp_path / "fake_latency_vs_keep.png").stat().st_size > 1000
     assert report.keep_of("var;cls-prune:keep=0.5") == 0.5 and report.keep_of("baseline") is None
+
+
+def test_loading_dtype_quantization_and_bad_values(tiny_dir, tmp_path):
+    import torch
+
+    from attnkit.eval import loading
+
+    model = loading.load_model(tiny_dir / "model", dtype="bf16")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        loading.load_model(tiny_dir / "model", dtype="float8")
+    with pytest.raises(ValueError, match="unknown quantization '3bit'"):
+        loading.load_model(tiny_dir / "model", quantization="3bit")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        loading.load_model(tmp_path)
+    pytest.importorskip("bitsandbytes")
+    q = loading.load_model(tiny_dir / "model", quantization="4bit")
+    assert type(q.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_a_config_that_cannot_wrap_fails_before_any_generation(tiny_dir, loaded, tmp_path):
+    calls = []
+    with pytest.raises(ValueError, match="config 'record:layers=99' cannot run on this model: record: layer 99"):
+        _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline", "record:layers=99"], after_sample=calls.append)
+    assert calls == [] and not list(tmp_path.glob("*.jsonl"))

@@ -311,7 +311,7 @@ def chair_metrics(mentions: Sequence[Sequence[str]], gt_objects: Sequence[Collec
         n_mentions += len(said)
         n_hallucinated += wrong
         n_hallucinated_caps += wrong > 0
-        covered += len(set(said))
+        covered += len(set(said) & gt)
         n_gt += len(gt)
     n = len(mentions)
     out = {"chair_s": _div(n_hallucinated_caps, n), "chair_i": _div(n_hallucinated, n_mentions),

@@ -144,18 +144,24 @@ def plot(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         ax.set(xlabel="visual tokens (mean per sample)", ylabel=primary, title=f"{bench}: {primary} vs visual tokens")
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / f"{bench}_metric_vs_tokens.png"))
-    sweep = sorted((keep_of(r["config"]), r["costs"].get("prefill_ms"), r["costs"].get("decode_ms_per_token"))
-                   for r in results if keep_of(r["config"]) is not None and r["costs"].get("prefill_ms") is not None)
-    if len(sweep) >= 2:
+    sweeps: dict[str, list[tuple]] = {}
+    for r in results:
+        keep, ms = keep_of(r["config"]), r["costs"].get("prefill_ms")
+        if keep is not None and ms is not None:
+            name = re.sub(r"keep=[0-9.]+", "keep=*", r["config"])
+            sweeps.setdefault(name, []).append((keep, ms, r["costs"].get("decode_ms_per_token")))
+    sweeps = {k: sorted(v) for k, v in sweeps.items() if len({x[0] for x in v}) >= 2}
+    if sweeps:
         base = baseline_of(results)
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="prefill ms")
-        if all(s[2] is not None for s in sweep):
-            ax.plot([s[0] for s in sweep], [s[2] for s in sweep], "s--", label="decode ms/token")
+        for name, pts in sweeps.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} prefill ms")
+            if all(p[2] is not None for p in pts):
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label=f"{name} decode ms/token")
         if base["config"] == "baseline" and base["costs"].get("prefill_ms") is not None:
             ax.axhline(base["costs"]["prefill_ms"], color="gray", ls=":", label="baseline prefill ms")
         ax.set(xlabel="keep", ylabel="ms", title=f"{bench}: latency vs keep")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / f"{bench}_latency_vs_keep.png"))
     return paths
@@ -211,8 +217,8 @@ def attention_maps(model, processor, image, prompt: str, layers: Sequence[int] |
     import torch
 
     from attnkit.api import intervene
-    from attnkit.eval.runner import build_inputs
     from attnkit.interventions import Record
+    from attnkit.models.prompts import build_inputs
 
     inputs = build_inputs(processor, prompt, image).to(model.device)
     rec = Record(layers=tuple(layers) if layers is not None else None)

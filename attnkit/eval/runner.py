@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from attnkit.models.prompts import build_inputs, open_image
+
 BASELINE = "baseline"
 
 
@@ -253,24 +255,6 @@ def _first(v):
 
 
 # --- one sample ----------------------------------------------------------------------------------
-def build_inputs(processor, question: str, image) -> dict:
-    """The chat-templated prompt of one (image, question) through the processor, batch 1."""
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    if image is None:
-        return processor(text=[prompt], return_tensors="pt")
-    return processor(images=[image], text=[prompt], return_tensors="pt")
-
-
-def open_image(path):
-    from PIL import Image
-
-    if path is None:
-        return None
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def generate_one(model, processor, handle, sample, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """Greedy-decode one sample on a wrapped model; the prediction and its costs."""
     image = open_image(sample.image)
@@ -375,6 +359,8 @@ def run_config(model, processor, bench, samples: Sequence, config: str, out_dir:
                 row.update(generate_one(model, processor, handle, sample, budget, settings.seed + _seed_of(sample)))
             except Exception as e:  # noqa: BLE001 - any failing sample becomes an error row
                 row["error"] = f"{type(e).__name__}: {e}"
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
             writer.write(row)
             if after_sample is not None:
                 after_sample(row)
@@ -434,6 +420,7 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
 
         model, processor = load_model_and_processor(settings.model_path, dtype=settings.dtype, device_map=device_map,
                                                     quantization=settings.quantization)
+    _preflight(model, configs)
     paths = [run_config(model, processor, bench, samples, c, out_dir, settings, shard=shard,
                         retry_errors=retry_errors, progress=progress, after_sample=after_sample) for c in configs]
     shard.barrier()
@@ -442,6 +429,17 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
     results = [score(bench, samples, merge_shards(p), c, p) for c, p in zip(configs, paths, strict=True)]
     write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"])
     return results
+
+
+def _preflight(model, configs: Sequence[str]) -> None:
+    """Wrap and unwrap each config once, so one that cannot run on this model fails before any generation."""
+    import attnkit
+
+    for config in configs:
+        try:
+            attnkit.wrap(model, *split_specs(config)).remove()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config {config!r} cannot run on this model: {e}") from e
 
 
 def write_summary(out_dir: Path, bench, results: Sequence[ConfigResult], memory: str) -> Path:

@@ -59,7 +59,7 @@ def _hash(obj: Any) -> str:
 def hf_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list]:
     """lmms-eval chat messages (content items ``{"type": "image", "url": PIL}``) -> HF chat messages with
     ``{"type": "image"}`` placeholders, and the images in order."""
-    from attnkit.eval.runner import open_image
+    from attnkit.models.prompts import open_image
 
     out, images = [], []
     for message in messages:
