@@ -37,15 +37,17 @@ KIND_INDEX = {k: i for i, k in enumerate(SCENE_TYPES)}
 @dataclass
 class TrainConfig:
     seed: int = 0
-    a_steps: int = 250
+    a_steps: int = 180
     a_batch: int = 48
     a_lr: float = 1e-3
-    b_steps: int = 400
+    b_steps: int = 1050
     b_batch: int = 16
     b_lr: float = 1e-3
     b_vision_lr: float = 2e-4     # 0 freezes the vision tower in stage B
     qa_turns: int = 8
     suffix_prob: float = 0.25
+    random_negatives: float = 0.6   # from step b_prior_from on; the rest split between popular and co-occurring
+    b_prior_from: int = 200         # before it, negatives are a third each (balanced per category: no prior)
     caption_prob: float = 0.7
     threads: int = 2
     ckpt_every: int = 50
@@ -156,11 +158,13 @@ class Conversations:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def sample(self, index: int) -> tuple[list[int], list[int]]:
+    def sample(self, index: int, step: int) -> tuple[list[int], list[int]]:
         rng = np.random.default_rng([self.cfg.seed, index, 7])
+        r = self.cfg.random_negatives if step >= self.cfg.b_prior_from else 1 / 3
         scene = self.world.scene(index)
         turns = question_answers(scene, rng, self.stats.cooccur, self.stats.frequency, n=self.cfg.qa_turns,
-                                 suffix_prob=self.cfg.suffix_prob)
+                                 suffix_prob=self.cfg.suffix_prob,
+                                 negative_mix=(r, (1 - r) / 2, (1 - r) / 2))
         if rng.random() < self.cfg.caption_prob:
             turns.append((CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))], caption(scene)))
         order = rng.permutation(len(turns))
@@ -200,7 +204,7 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
         for g in opt.param_groups:
             g["lr"] = g["base"] * cosine_lr(step, cfg.b_steps)
         idx = [offset + step * cfg.b_batch + i for i in range(cfg.b_batch)]
-        samples = [conv.sample(i) for i in idx]
+        samples = [conv.sample(i, step) for i in idx]
         n = max(len(s[0]) for s in samples)
         input_ids = torch.tensor([s[0] + [0] * (n - len(s[0])) for s in samples])
         labels = torch.tensor([s[1] + [-100] * (n - len(s[1])) for s in samples])

@@ -112,6 +112,8 @@ def test_chair_files_are_coco_format(exported):
     assert {a["image_id"] for a in caps["annotations"]} == set(images)
     prompts = _jsonl(out / "synth_chair_prompts.jsonl")
     assert [p["image_id"] for p in prompts] == [im["id"] for im in inst["images"]]
+    image_list = (out / "synth_chair_image_list.txt").read_text().split()
+    assert [int(i) for i in image_list] == [im["id"] for im in inst["images"]]
     lines = (out / "synth_chair_synonyms.txt").read_text().splitlines()
     assert [line.split(", ")[0] for line in lines] == [c.name for c in CATEGORIES]
     assert "cup, mug" in lines and synonyms_text().count("\n") == len(CATEGORIES)

@@ -18,6 +18,7 @@ Exported directory (:func:`attnkit.synth.export.export_benchmark`; the shipped c
     synth_chair_captions.json          COCO captions JSON (one reference caption per image)
     synth_chair_synonyms.txt           CHAIR synonyms: "canonical, synonym1, synonym2" per line
     synth_chair_prompts.jsonl          images to caption: {"image_id", "image", "text"}
+    synth_chair_image_list.txt         the same image ids, one per line (CHAIR's image_list)
     manifest.json                      export settings and the category frequencies used for "popular"
 
 The demo model (:func:`demo_model_path`, :func:`load_demo`) is a ``LlavaForConditionalGeneration``

@@ -119,6 +119,7 @@ def export_benchmark(out_dir: str | Path, config: ExportConfig | None = None) ->
     (out / f"{p}_chair_instances.json").write_text(json.dumps(coco_instances(chair, p)))
     (out / f"{p}_chair_captions.json").write_text(json.dumps(coco_captions(chair, p)))
     (out / f"{p}_chair_synonyms.txt").write_text(synonyms_text())
+    (out / f"{p}_chair_image_list.txt").write_text("".join(f"{s.index}\n" for s in chair))
     _jsonl(out / f"{p}_chair_prompts.jsonl", [{"image_id": s.index, "image": image_name(s, p), "text": CHAIR_PROMPT}
                                               for s in chair])
     manifest = {"config": asdict(cfg), "pope_images": len(pope), "chair_images": len(chair),

@@ -25,8 +25,14 @@ def caption(scene: Scene) -> str:
 
 
 def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, dict[str, float]],
-                     frequency: dict[str, float], n: int = 2, suffix_prob: float = 0.5) -> list[tuple[str, str]]:
-    """``n`` balanced (question, "yes"/"no") pairs; negatives are random, popular or co-occurring (1/3 each)."""
+                     frequency: dict[str, float], n: int = 2, suffix_prob: float = 0.5,
+                     negative_mix: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> list[tuple[str, str]]:
+    """``n`` balanced (question, "yes"/"no") pairs; negatives are random, popular or co-occurring.
+
+    ``negative_mix`` gives the shares of the three kinds of negatives. Random negatives leave each
+    category a prior P(yes | category) that grows with its frequency, as on COCO; popular and
+    co-occurring negatives teach the model to look rather than guess.
+    """
     present = scene.categories
     absent = [c.name for c in CATEGORIES if c.name not in present]
     out = []
@@ -34,7 +40,7 @@ def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, 
         if k % 2 == 0:
             out.append((present[rng.integers(len(present))], "yes"))
             continue
-        mode = rng.integers(3)
+        mode = rng.choice(3, p=np.asarray(negative_mix) / sum(negative_mix))
         if mode == 0:
             w = np.ones(len(absent))
         elif mode == 1:
