@@ -17,7 +17,7 @@ from attnkit.hooks.attention import AttentionCall, LayerHook
 from attnkit.interventions.base import Intervention
 from attnkit.interventions.vhr import VHR, default_layers, head_divergence, select_heads
 
-SPECIAL = list(range(11))
+SPECIAL = testing.SPECIAL_IDS  # random models must not emit image markers (the no-cache loop re-reads them)
 GEN = dict(do_sample=False, suppress_tokens=SPECIAL)
 
 
@@ -123,18 +123,7 @@ class FixedHeads(Intervention):
 
 
 def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    inputs = dict(inputs)
-    for _ in range(steps):
-        kw = {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)} if positions_from_mask else {}
-        with torch.no_grad():
-            logits = model(**inputs, **kw, use_cache=False).logits[:, -1]
-        logits[:, SPECIAL] = float("-inf")
-        nxt = logits.argmax(-1, keepdim=True)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
-    return inputs["input_ids"]
+    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
 
 
 @pytest.mark.parametrize("family", testing.FAMILIES)
