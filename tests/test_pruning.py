@@ -334,3 +334,29 @@ def test_next_keeps_every_row_newline(tiny):
         assert is_newline.any()
         assert set(visual[is_newline].tolist()) <= set(kept[b])
         assert len(kept[b]) == 3 + int(is_newline.sum())
+
+
+def test_fastv_mean_rank_uses_the_average_over_query_tokens(tiny):
+    model, processor = tiny("qwen2_vl", "eager")
+    inputs = testing.tiny_inputs(processor, batch=2)
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[1]     # layer k-1 = 1
+    with attnkit.intervene(model, "fastv:k=2,keep=5,rank=mean") as handle:
+        _logits(model, inputs)
+        kept = handle.stats()["fastv"]["kept_positions"]
+    valid = inputs["attention_mask"].bool()
+    for b in range(2):
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        scores = attn[b].mean(0)[valid[b]].mean(0)[visual]
+        assert kept[b] == sorted(visual[torch.topk(scores, 5).indices].tolist())
+
+
+def test_random_score_follows_its_seed(tiny):
+    model, processor = tiny("llava")
+    inputs = testing.tiny_inputs(processor, batch=1)
+    kept = {}
+    for seed in (0, 0, 1):
+        with attnkit.intervene(model, f"cls-prune:keep=4,score=random,seed={seed}") as handle:
+            _logits(model, inputs)
+            kept.setdefault(seed, []).append(handle.stats()["cls-prune"]["kept_positions"])
+    assert kept[0][0] == kept[0][1] and kept[0][0] != kept[1][0]
