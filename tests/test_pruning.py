@@ -158,10 +158,6 @@ def test_cls_prune_generate_equals_no_cache_loop(tiny, family):
     assert torch.equal(out, ref)
 
 
-def MaskKeys(k, dropped):  # noqa: N802 - reads like the class it builds
-    return testing.mask_keys(k, dropped)
-
-
 def _dropped(inputs, image_token_id, kept):
     visual = [(inputs["input_ids"][b] == image_token_id).nonzero().squeeze(1).tolist() for b in range(len(kept))]
     return tuple(tuple(t for t in visual[b] if t not in kept[b]) for b in range(len(kept)))
@@ -182,7 +178,7 @@ def test_fastv_equals_masking_reference(tiny, family, rank):
     for layer in range(3):  # embeddings and the outputs of layers 0, 1: untouched
         assert torch.equal(out.hidden_states[layer], base.hidden_states[layer])
     dropped = _dropped(inputs, model.config.image_token_id, stats["kept_positions"])
-    with attnkit.intervene(model, MaskKeys(k=2, dropped=dropped)):
+    with attnkit.intervene(model, testing.mask_keys(2, dropped)):
         ref = _logits(model, inputs)
     keep = inputs["attention_mask"].bool().clone()
     for b, cols in enumerate(dropped):
@@ -198,7 +194,7 @@ def test_fastv_generate_equals_no_cache_masking_loop(tiny, family):
         out = model.generate(**inputs, max_new_tokens=5, **GEN)
         kept = handle.stats()["fastv"]["kept_positions"]
     dropped = _dropped(inputs, model.config.image_token_id, kept)
-    with attnkit.intervene(model, MaskKeys(k=1, dropped=dropped)):
+    with attnkit.intervene(model, testing.mask_keys(1, dropped)):
         ref = _greedy_no_cache(model, inputs, 5, positions_from_mask=not family.startswith("qwen"))
     assert torch.equal(out, ref)
 
