@@ -23,14 +23,7 @@ TASK, SPLIT = "pope_fake", "test"
 QUESTIONS = ["is there a cat in the image ?", "what color is the large circle ?", "how many dogs", "describe this"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
