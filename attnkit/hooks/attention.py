@@ -169,9 +169,7 @@ class AttentionCall:
         parts = []
         for start in range(0, self.q_len, chunk):
             rows = slice(start, min(start + chunk, self.q_len))
-            scores = (torch.matmul(self.query[:, :, rows], key.transpose(2, 3)) * self.scaling).float()
-            scores = scores + additive_mask(self.mask, self.q_len, self.kv_len, rows, self.query.shape[0],
-                                            self.query.device)
+            scores = attention_scores(self.query[:, :, rows], key, self.mask, self.scaling, start, self.q_len)
             for fn in self._score_edits:
                 scores = fn(rows, scores)
             probs = torch.softmax(scores, dim=-1)
@@ -210,19 +208,24 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, rows: slic
     return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(~allowed, neg)
 
 
-def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                    row_offset: int = 0, q_len: int | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scaling + mask) in float32 for the given query rows: [B, H, r, kv].
+def attention_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                     row_offset: int = 0, q_len: int | None = None) -> torch.Tensor:
+    """Masked logits q kᵀ · scaling + mask in float32 for the given query rows: [B, H, r, kv].
 
     ``query`` holds rows ``row_offset ...`` of a call with ``q_len`` query rows (the mask is indexed
-    accordingly); keys are expanded for grouped-query attention.
+    accordingly); keys are expanded for grouped-query attention (already expanded keys pass through).
     """
     q_len = query.shape[2] if q_len is None else q_len
-    n_rep = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, n_rep)
-    # the product in the model's dtype (as eager attention does), the mask and softmax in float32: a float32
-    # finfo.min mask would turn into -inf in bf16 and fully masked (padding) rows into NaN
+    k = repeat_kv(key, query.shape[1] // key.shape[1])
+    # the product in the model's dtype (as eager attention does), the mask in float32: a float32 finfo.min
+    # mask would turn into -inf in bf16 and fully masked (padding) rows into NaN after the softmax
     scores = (torch.matmul(query, k.transpose(2, 3)) * scaling).float()
     rows = slice(row_offset, row_offset + query.shape[2])
-    scores = scores + additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device)
-    return torch.softmax(scores, dim=-1)
+    return scores + additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                    row_offset: int = 0, q_len: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + mask) in float32 for the given query rows: [B, H, r, kv] (see
+    :func:`attention_scores`)."""
+    return torch.softmax(attention_scores(query, key, mask, scaling, row_offset, q_len), dim=-1)
