@@ -87,7 +87,6 @@ class Dropper:
         self.ctx, self.from_layer, self.decide, self.compact = ctx, from_layer, decide, compact_positions
         self._shift: torch.Tensor | None = None   # original - compact position of each sample (compact mode)
         self.lm = ctx.adapter.language_model
-        self.plan: KeepPlan | None = None
         self._layer_kwargs: dict | None = None
         self._mask_2d: torch.Tensor | None = None
         self._caller_positions = True
@@ -109,23 +108,23 @@ class Dropper:
         """Keep these prompt positions ([B, L] bool; non-visual ones always stay) from layer ``from_layer`` on."""
         from_layer = self.from_layer if from_layer is None else from_layer
         if keep is None:
-            self.plan = self.ctx.state.keep_plan = None
+            self.ctx.state.keep_plan = None
             return
         if self.from_layer is None and not 1 <= from_layer < self.ctx.adapter.num_layers:
             raise ValueError(f"cannot drop tokens from layer {from_layer} at run time; use 1.."
                              f"{self.ctx.adapter.num_layers - 1}")
         spans = self.ctx.state.spans
         visual = spans.visual.to(keep.device)
-        self.plan = self.ctx.state.keep_plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
+        self.ctx.state.keep_plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
 
     @property
-    def active(self) -> bool:
-        return self.plan is not None
+    def plan(self) -> KeepPlan | None:
+        """The current run's plan; kept on the run state so other interventions can map positions through it."""
+        return self.ctx.state.keep_plan
 
     # --- hooks -----------------------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
-        if self.ctx.state.step == 0:
-            self.plan, self._layer_kwargs = None, None
+        # the handle clears state.keep_plan at each prefill; _lm_pre clears the per-forward layer kwargs
         self._caller_positions = self.ctx.adapter.forward_arg("position_ids", args, kwargs) is not None
 
     def _lm_pre(self, module, args, kwargs):
