@@ -95,6 +95,16 @@ class ModelAdapter:
         return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)
 
 
+def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """``mean_q softmax(q kᵀ · scale)[q, k]`` in float32, query rows in chunks (bounded memory):
+    query [..., n_q, d], key [..., n_k, d] -> [..., n_k]."""
+    total = None
+    for rows in torch.split(torch.arange(query.shape[-2], device=query.device), chunk):
+        p = torch.softmax((query[..., rows, :] @ key.transpose(-1, -2)).float() * scale, dim=-1).sum(-2)
+        total = p if total is None else total + p
+    return total / query.shape[-2]
+
+
 def supported_classes() -> list[str]:
     from attnkit.models.llava import LlavaAdapter
     from attnkit.models.qwen_vl import QwenVLAdapter

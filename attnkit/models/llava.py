@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from attnkit.models.base import ModelAdapter
+from attnkit.models.base import ModelAdapter, mean_received_attention
 
 
 class LlavaAdapter(ModelAdapter):
@@ -58,12 +58,7 @@ class LlavaAdapter(ModelAdapter):
             n, heads = k.shape[0], attn.num_heads
             q = q.view(n, q.shape[1], heads, -1).transpose(1, 2)
             k = k.view(n, k.shape[1], heads, -1).transpose(1, 2)
-            scores = []
-            for rows in torch.split(torch.arange(q.shape[2], device=q.device), 512):
-                p = torch.softmax((q[:, :, rows] @ k.transpose(2, 3)).float() * attn.scale, dim=-1)
-                scores.append(p.sum(2))
-            s = torch.stack(scores).sum(0) / q.shape[2]                      # [n, H, 1 + patches]
-            s = s.mean(1)
+            s = mean_received_attention(q, k, attn.scale).mean(1)            # [n, 1 + patches]
             if self.model.config.vision_feature_select_strategy == "default":
                 s = s[:, 1:]
             if self.family == "llava":

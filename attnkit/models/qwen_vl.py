@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from attnkit.models.base import ModelAdapter
+from attnkit.models.base import ModelAdapter, mean_received_attention
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -71,14 +71,8 @@ class QwenVLAdapter(ModelAdapter):
             q, k, _ = qkv.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rotary(q, k, *captured.pop("pos"))
             q, k = q.transpose(0, 1), k.transpose(0, 1)                        # [H, n, d]
-            received = []
-            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-                qi, ki = q[:, a:b], k[:, a:b]
-                total = torch.zeros(b - a, device=q.device)
-                for rows in torch.split(torch.arange(b - a, device=q.device), 512):
-                    p = torch.softmax((qi[:, rows] @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1)
-                    total += p.sum((0, 1))
-                received.append(total / (attn.num_heads * (b - a)))
+            received = [mean_received_attention(q[:, a:b], k[:, a:b], attn.scaling).mean(0)   # per image
+                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
             merged = torch.cat(received).view(-1, unit).mean(1)
             grid = captured.pop("grid")
             if full is not None:  # Qwen2.5-VL: blocks run in window order; undo it like the merger's output
