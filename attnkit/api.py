@@ -44,10 +44,10 @@ class WrapContext:
 class Handle:
     """A wrapped model. ``stats()`` reports the last forward/generate; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model: torch.nn.Module, interventions: list[Intervention]):
+    def __init__(self, model: torch.nn.Module, interventions: list[Intervention], adapter: ModelAdapter | None = None):
         self.model = model
         self.interventions = interventions
-        self.adapter = get_adapter(model)
+        self.adapter = adapter or get_adapter(model)
         self.state = RunState()
         self._installed = Installed()
         self._removed = False
@@ -133,7 +133,7 @@ def wrap(model: torch.nn.Module, *interventions: Intervention | str) -> Handle:
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already wrapped by attnkit "
                            f"({getattr(model, HANDLE_ATTR)!r}); call handle.remove() first")
-    get_adapter(model)  # unsupported models fail before any spec is parsed
+    adapter = get_adapter(model)  # unsupported models fail before any spec is parsed
     built = [build(spec) for spec in interventions]
     names = [iv.name for iv in built]
     for name in set(names):
@@ -144,7 +144,7 @@ def wrap(model: torch.nn.Module, *interventions: Intervention | str) -> Handle:
             reason = a.conflicts_with(b) or b.conflicts_with(a)
             if reason:
                 raise ValueError(f"{a.name} and {b.name} cannot be combined: {reason}")
-    return Handle(model, built)
+    return Handle(model, built, adapter)
 
 
 @contextlib.contextmanager
