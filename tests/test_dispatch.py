@@ -94,6 +94,43 @@ def test_output_edit_equals_scaling_o_proj_input(tiny, family):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_row_limited_edits_keep_the_base_implementation_elsewhere(monkeypatch):
+    import types
+
+    import attnkit.hooks.attention as attention
+    from attnkit.api import RunState
+    from attnkit.hooks.attention import AttentionCall, LayerHook, base_attention
+
+    monkeypatch.setattr(attention, "ROW_CHUNK", 2)   # the edited block spans chunks
+    torch.manual_seed(0)
+    B, H, L, D = 2, 4, 9, 8
+    module = types.SimpleNamespace(scaling=D ** -0.5, is_causal=True, num_key_value_groups=2, training=False)
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, 2, L, D), torch.randn(B, 2, L, D)
+    mask = torch.ones(L, L).tril().bool()[None, None].expand(B, 1, L, L)
+    sdpa = base_attention("sdpa", module)
+    base = sdpa(module, q, k, v, mask)[0]
+    seen = []
+
+    def bump(rows, scores):                   # +1 on key 0 in rows 3 and 4; it may see other rows too
+        seen.append((rows.start, rows.stop))
+        scores = scores.clone()
+        for i in range(max(3, rows.start), min(5, rows.stop)):
+            scores[:, :, i - rows.start, 0] += 1.0
+        return scores
+
+    call = AttentionCall(module, LayerHook(0, RunState(), []), q, k, v, mask, sdpa, {})
+    call.edit_scores(bump, rows=slice(3, 5))
+    call.edit_probs(lambda rows, probs: probs, rows=slice(6, 7))
+    out, _ = call.finish()
+    assert seen == [(3, 5), (5, 7)]          # the union 3 ... 6, in chunks of 2
+    untouched = [0, 1, 2, 7, 8]
+    assert torch.equal(out[:, untouched], base[:, untouched])  # the model's own rows, bit for bit
+    scores = attention.attention_scores(q, k, mask, module.scaling)
+    scores[:, :, 3:5, 0] += 1.0
+    want = (torch.softmax(scores, -1) @ attention.repeat_kv(v, 2)).transpose(1, 2)
+    torch.testing.assert_close(out[:, 3:7], want[:, 3:7], rtol=1e-5, atol=1e-6)
+
+
 def test_attention_probs_formula_on_hand_made_tensors():
     q = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])            # [1, 1, 2, 2]
     k = torch.tensor([[[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]]])  # [1, 1, 3, 2]

@@ -102,11 +102,12 @@ class AttentionCall:
 
     Interventions either read (``iter_probs``) or register edits, applied in registration order when
     the call finishes:
-    - ``edit_scores(fn)``: ``fn(rows, scores) -> scores`` on the masked logits [B, H, r, kv] (float32);
-    - ``edit_probs(fn)``: ``fn(rows, probs) -> probs`` on the softmax output [B, H, r, kv] (float32);
+    - ``edit_scores(fn, rows)``: ``fn(rows, scores) -> scores`` on the masked logits [B, H, r, kv] (float32);
+    - ``edit_probs(fn, rows)``: ``fn(rows, probs) -> probs`` on the softmax output [B, H, r, kv] (float32);
     - ``edit_output(fn)``: ``fn(out) -> out`` on the per-head outputs [B, q, H, D] (before ``o_proj``).
-    Score/probability edits make the layer compute attention eagerly, in chunks of query rows;
-    output edits alone keep the model's own implementation.
+    Score/probability edits make the query rows they may change (``rows``, a slice; default all) run
+    eagerly, in chunks; the other rows of the call keep the model's own implementation (the layer runs
+    it once for all rows and the eager rows replace theirs). Output edits alone keep it entirely.
     """
 
     def __init__(self, module, hook: LayerHook, query, key, value, mask, base_fn, kwargs):
@@ -119,6 +120,7 @@ class AttentionCall:
         self._score_edits: list[Callable] = []
         self._prob_edits: list[Callable] = []
         self._output_edits: list[Callable] = []
+        self._eager_rows: tuple[int, int] | None = None   # (lo, hi): the union of the edits' query rows
 
     @property
     def scaling(self) -> float:
@@ -137,11 +139,19 @@ class AttentionCall:
     def is_prefill(self) -> bool:
         return self.state.step == 0
 
-    def edit_scores(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> None:
+    def edit_scores(self, fn: Callable[[slice, torch.Tensor], torch.Tensor], rows: slice | None = None) -> None:
         self._score_edits.append(fn)
+        self._add_rows(rows)
 
-    def edit_probs(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> None:
+    def edit_probs(self, fn: Callable[[slice, torch.Tensor], torch.Tensor], rows: slice | None = None) -> None:
         self._prob_edits.append(fn)
+        self._add_rows(rows)
+
+    def _add_rows(self, rows: slice | None) -> None:
+        lo, hi, _ = (rows or slice(None)).indices(self.q_len)
+        if self._eager_rows is not None:
+            lo, hi = min(lo, self._eager_rows[0]), max(hi, self._eager_rows[1])
+        self._eager_rows = (lo, max(lo, hi))
 
     def edit_output(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._output_edits.append(fn)
@@ -154,21 +164,26 @@ class AttentionCall:
                                         row_offset=start, q_len=self.q_len)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._score_edits or self._prob_edits:
-            out = self._eager_with_edits()
+        lo, hi = self._eager_rows or (0, 0)
+        if lo == 0 and hi == self.q_len:
+            out = self._eager_with_edits(lo, hi)
         else:
             out = self.base_fn(self.module, self.query, self.key, self.value, self.mask, **self.kwargs)[0]
+            if hi > lo:  # only some rows are edited: they replace the model's own rows
+                out = out.clone() if out._base is not None else out
+                out[:, lo:hi] = self._eager_with_edits(lo, hi)
         for fn in self._output_edits:
             out = fn(out)
         return out, None
 
-    def _eager_with_edits(self, chunk: int | None = None) -> torch.Tensor:
+    def _eager_with_edits(self, lo: int, hi: int, chunk: int | None = None) -> torch.Tensor:
+        """Eager attention with the registered edits for query rows ``lo ... hi-1``: [B, hi-lo, H, D]."""
         chunk = chunk or ROW_CHUNK
         value = repeat_kv(self.value, self.query.shape[1] // self.value.shape[1])
         key = repeat_kv(self.key, self.query.shape[1] // self.key.shape[1])
         parts = []
-        for start in range(0, self.q_len, chunk):
-            rows = slice(start, min(start + chunk, self.q_len))
+        for start in range(lo, hi, chunk):
+            rows = slice(start, min(start + chunk, hi))
             scores = attention_scores(self.query[:, :, rows], key, self.mask, self.scaling, start, self.q_len)
             for fn in self._score_edits:
                 scores = fn(rows, scores)
@@ -176,7 +191,8 @@ class AttentionCall:
             for fn in self._prob_edits:
                 probs = fn(rows, probs)
             parts.append(torch.matmul(probs.to(value.dtype), value))
-        return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return out.transpose(1, 2)  # the model reshapes (copies) it before o_proj
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -193,7 +209,10 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, rows: slic
 
     None means plain causal (queries are the last ``q_len`` of ``kv_len`` positions); bool 4-D is
     True = attend; float 4-D is already additive; 2-D is a flash padding mask ([B, kv], 1 = attend).
+    Returns None where nothing is masked (no mask and a single query row: it sees every key).
     """
+    if mask is None and q_len == 1:
+        return None
     neg = torch.finfo(torch.float32).min
     if mask is not None and mask.dim() == 4:
         m = mask[:, :, rows, :kv_len]
@@ -221,7 +240,8 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     # mask would turn into -inf in bf16 and fully masked (padding) rows into NaN after the softmax
     scores = (torch.matmul(query, k.transpose(2, 3)) * scaling).float()
     rows = slice(row_offset, row_offset + query.shape[2])
-    return scores + additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device)
+    add = additive_mask(mask, q_len, key.shape[2], rows, query.shape[0], query.device)
+    return scores if add is None else scores + add
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,

@@ -62,7 +62,7 @@ class PAI(Intervention):
     The paper's optional logit refinement (CFG with a text-only branch) is not part of this baseline.
 
     Needs: visual positions (``call.state.spans``, per sample) and the layer's logits, so the chosen
-    layers run eager attention (prefill: all rows in chunks; decode: one row).
+    layers run eager attention for that row only; the other prefill rows keep the model's implementation.
     Identity: ``alpha=0``.
     """
 
@@ -109,7 +109,7 @@ class PAI(Intervention):
             scores[:, :, i:i + 1] = torch.where(image, z + self.alpha * z.abs(), z)
             return scores
 
-        call.edit_scores(amplify)
+        call.edit_scores(amplify, rows=slice(last, last + 1))
 
     def stats(self) -> dict[str, Any]:
         return {"amplified_calls": self._calls}

@@ -11,7 +11,7 @@ from attnkit.interventions.base import Intervention, param, register
 from attnkit.interventions.pai import prompt_layout
 from attnkit.interventions.sinks import SINK_DIMS, find_sink_dims, known_sink_dims, llm_key, sink_value
 
-__all__ = ["VAR", "find_sink_dims", "redistribute"]
+__all__ = ["VAR", "Redistribution", "find_sink_dims", "redistribute"]
 
 
 def redistribute(probs: torch.Tensor, sink: torch.Tensor, visual: torch.Tensor, edit_rows: torch.Tensor,
@@ -28,25 +28,51 @@ def redistribute(probs: torch.Tensor, sink: torch.Tensor, visual: torch.Tensor, 
 
     Rows that see no non-sink visual key are never selected (nothing could receive the mass).
     """
-    return _redistribute(probs, key_masks(sink, visual, probs.dtype), edit_rows, p, rho, min_visual)
+    return Redistribution(sink, visual, p, rho, min_visual)(probs, edit_rows)
 
 
-def key_masks(sink: torch.Tensor, visual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, kv, 3] float columns (visual, non-sink visual, sink): the three attention masses in one matmul."""
-    return torch.stack([visual, visual & ~sink, sink], dim=-1).to(dtype)[:, None]
+class Redistribution:
+    """:func:`redistribute` for fixed key masks, precomputed so that a call costs a handful of small
+    operations (decode runs it in every edited layer at every step).
 
+    One matmul of the probabilities with four key columns gives, per row: the visual mass, the
+    image-centric margin ``sum_{V \\ S} a - rho sum_{V} a``, ``p`` times the sink mass and the non-sink
+    visual mass; the selection tests are then ``visual >= min_visual`` and ``margin >= 0``.
+    Columns beyond the masks' length (generated tokens) are text: nothing to move there.
+    """
 
-def _redistribute(probs: torch.Tensor, masks: torch.Tensor, edit_rows: torch.Tensor, p: float, rho: float,
-                  min_visual: float) -> tuple[torch.Tensor, torch.Tensor]:
-    visual_mass, rest_mass, sink_mass = torch.matmul(probs, masks).unbind(-1)           # [B, H, r] each
-    selected = edit_rows[:, None, :] & (visual_mass >= min_visual) & (rest_mass >= rho * visual_mass)
-    if rho == 0 or min_visual == 0:  # otherwise implied: rest >= rho * visual >= rho * min_visual > 0
-        selected &= rest_mass > 0
-    gain = torch.where(selected, p * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny), 0.0)
-    moved = torch.where(selected, p, 0.0)
-    rest_f, sink_f = masks[..., 1].unsqueeze(2), masks[..., 2].unsqueeze(2)            # [B, 1, 1, kv]
-    # a'_ij = a_ij * (1 - p [j in S] + gain_i [j in V \ S]); unselected rows: factor 1
-    return probs * (1 - moved[..., None] * sink_f + gain[..., None] * rest_f), selected
+    def __init__(self, sink: torch.Tensor, visual: torch.Tensor, p: float, rho: float, min_visual: float):
+        sink, visual = sink.float(), visual.float()
+        rest = visual * (1 - sink)
+        self.cols = torch.stack([visual, rest - rho * visual, p * sink, rest], dim=-1)[:, None]   # [B, 1, kv, 4]
+        self.keep = (1 - p * sink)[:, None, None]                                                # [B, 1, 1, kv]
+        self.rest = rest[:, None, None]
+        self.thresholds = torch.tensor([min_visual, 0.0], device=sink.device)
+        self.check_rest = rho == 0 or min_visual == 0   # otherwise implied: rest >= rho*visual >= rho*min_visual > 0
+
+    def grow(self, kv_len: int, room: int = 256) -> None:
+        """Extend the masks with text columns to at least ``kv_len`` keys (long generations)."""
+        have = self.cols.shape[2]
+        if have < kv_len:
+            extra = kv_len + room - have
+            self.cols = torch.nn.functional.pad(self.cols, (0, 0, 0, extra))
+            self.keep = torch.nn.functional.pad(self.keep, (0, extra), value=1.0)
+            self.rest = torch.nn.functional.pad(self.rest, (0, extra))
+
+    def __call__(self, probs: torch.Tensor, edit_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``probs`` [B, H, r, kv] (float32), ``edit_rows`` [B, r] or None (all rows) -> (probs', selected)."""
+        kv = probs.shape[-1]
+        self.grow(kv)
+        mass = torch.matmul(probs, self.cols[:, :, :kv])                        # [B, H, r, 4]
+        selected = (mass[..., :2] >= self.thresholds).all(-1)
+        if edit_rows is not None:
+            selected &= edit_rows[:, None, :]
+        if self.check_rest:
+            selected &= mass[..., 3] > 0
+        gain = mass[..., 2] / mass[..., 3].clamp_min(torch.finfo(probs.dtype).tiny)   # p * sink / rest
+        # a'_ij = a_ij * (1 - p [j in S] + gain_i [j in V \\ S]) on selected rows, a_ij elsewhere
+        factor = torch.addcmul(self.keep[..., :kv], gain.unsqueeze(-1), self.rest[..., :kv])
+        return torch.where(selected.unsqueeze(-1), probs * factor, probs), selected
 
 
 @register
@@ -78,7 +104,8 @@ class VAR(Intervention):
     ``sink_dims``: from :data:`attnkit.interventions.sinks.SINK_DIMS` (keyed by the LLM's model_type,
     hidden size, layer count and MLP size) or given (``var:sink_dims=458+2570``); for other models find
     them with :func:`attnkit.find_sink_dims`. Needs post-softmax probabilities: the chosen layers run
-    eager attention on the query rows of the call (chunked); a layer without any sink is not touched.
+    eager attention on the rows it edits (prefill: the text after the image, chunked; decode: the new row),
+    the other rows keep the model's kernel; a layer without any sink is not touched.
     Identity: ``p=0``.
     """
 
@@ -141,10 +168,9 @@ class VAR(Intervention):
         self._sinks, self._counts, self._prep = {}, {}, {}
 
     # --- attention ----------------------------------------------------------------------------
-    def _prepared(self, call):
+    def _prepared(self, call) -> tuple | None:
         """What this layer needs for the current request, computed once per request and layer (decode steps
-        then cost no host synchronisation here): (layout, key masks with room for generated columns,
-        has-image per sample), or None if the layer has nothing to move."""
+        then cost no host synchronisation here), or None if the layer has nothing to move."""
         key = (call.layer_idx, id(call.state.spans), id(getattr(call.state, "keep_plan", None)))
         if key not in self._prep:
             sink = self._sinks.get(call.layer_idx)
@@ -153,31 +179,26 @@ class VAR(Intervention):
                   and bool(sink.any()) and bool(layout.visual.any()))
             self._prep[key] = None
             if ok:
-                room = layout.length + 256
-                masks = key_masks(layout.keys(room, sink.to(call.query.device)), layout.keys(room, layout.visual),
-                                  torch.float32)
-                self._prep[key] = (layout, masks, layout.visual.any(1)[:, None])
-        prep = self._prep[key]
-        if prep is not None and prep[1].shape[2] < call.kv_len:  # long generation: grow the zero (text) columns
-            masks = torch.nn.functional.pad(prep[1], (0, 0, 0, call.kv_len + 256 - prep[1].shape[2]))
-            prep = self._prep[key] = (prep[0], masks, prep[2])
-        return prep
+                has_image = layout.visual.any(1)[:, None]
+                edit = Redistribution(sink.to(call.query.device), layout.visual, self.p, self.rho,
+                                      self.min_visual_attention)
+                self._prep[key] = (layout, edit, has_image, bool(has_image.all()))
+        return self._prep[key]
 
     def on_attention(self, call) -> None:
-        prepared = self._prepared(call)
-        if prepared is None:
+        prep = self._prepared(call)
+        if prep is None:
             return
-        layout, masks, has_image = prepared
-        device, kv, q = call.query.device, call.kv_len, call.q_len
+        layout, redistribution, has_image, all_images = prep
+        kv, q = call.kv_len, call.q_len
         if kv < layout.length:
             return
-        masks = masks[:, :, :kv]
         if q == 1 and kv > layout.length:
-            edit_rows = has_image                   # a generated token: edited in every sample with an image
-            lo, hi = 0, 1
+            # a generated token: edited in every sample with an image
+            edit_rows, lo, hi = (None if all_images else has_image), 0, 1
         else:
             # query rows sit at key columns kv-q ... kv-1; prompt rows: text after the sample's first image
-            pos = torch.arange(kv - q, kv, device=device)
+            pos = torch.arange(kv - q, kv, device=call.query.device)
             text = layout.text_after_image[:, pos.clamp(max=layout.length - 1)]
             edit_rows = torch.where((pos < layout.length)[None, :], text, has_image)
             rows_any = edit_rows.any(0).nonzero()
@@ -185,24 +206,16 @@ class VAR(Intervention):
                 return
             lo, hi = int(rows_any[0]), int(rows_any[-1]) + 1     # the block of rows worth editing (prefill: text)
         counts = self._counts.setdefault(call.layer_idx, []) if q > 1 else None   # stats: prefill rows only
-        p, rho, floor = self.p, self.rho, self.min_visual_attention
 
         def edit(rows: slice, probs: torch.Tensor) -> torch.Tensor:
-            a, b = max(lo, rows.start), min(hi, rows.stop)
-            if a >= b:
-                return probs
-            sub = slice(a - rows.start, b - rows.start)
-            out, selected = _redistribute(probs[:, :, sub], masks.to(probs.dtype), edit_rows[:, a:b], p, rho, floor)
+            er = None if edit_rows is None else edit_rows[:, rows]
+            out, selected = redistribution(probs, er)
             if counts is not None:
                 counts.append(selected.sum())
-                counts.append(edit_rows[:, a:b].sum() * probs.shape[1])
-            if sub.start == 0 and sub.stop == probs.shape[2]:
-                return out
-            probs = probs.clone()
-            probs[:, :, sub] = out
-            return probs
+                counts.append(er.sum() * probs.shape[1])
+            return out
 
-        call.edit_probs(edit)
+        call.edit_probs(edit, rows=slice(lo, hi))
 
     def stats(self) -> dict[str, Any]:
         """Per layer: sink tokens (all / visual) and the share of (head, text row) pairs edited, at prefill."""
