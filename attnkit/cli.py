@@ -4,7 +4,7 @@
     attnkit eval --model PATH --bench pope --data DIR --compare baseline "cls-prune:keep=64" "var"
     attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
     attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/
-    attnkit calibrate vhr --model PATH --data DIR --out heads.json
+    attnkit calibrate vhr --model PATH --data DIR --out heads.json [--set alpha=1.5]
     attnkit list
 """
 
@@ -128,6 +128,38 @@ def _bench_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _calibrate_options(fn, items: list[str]) -> dict[str, object]:
+    """``--set key=value`` items as keyword arguments of ``fn``, each converted to its default's type."""
+    import inspect
+
+    params = {n: p for n, p in list(inspect.signature(fn).parameters.items())[4:]
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    allowed = ", ".join(f"{n} (default {p.default!r})" for n, p in params.items()) or "none"
+    out: dict[str, object] = {}
+    for item in items:
+        key, eq, value = (t.strip() for t in item.partition("="))
+        if not eq or key not in params:
+            raise UsageError(f"bad --set {item!r}; write key=value with a key among: {allowed}")
+        default = params[key].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, (int, float)):
+                out[key] = type(default)(value)
+            elif value.lower() == "none":
+                out[key] = None
+            elif default is None or isinstance(default, tuple):   # e.g. layers=1+17+18
+                out[key] = tuple(int(v) for v in value.split("+"))
+            else:
+                out[key] = value
+        except ValueError:
+            raise UsageError(f"bad --set {item!r}: {value!r} is not a {type(default).__name__} "
+                             f"(default {default!r})") from None
+    return out
+
+
 def _benchmark(args: argparse.Namespace, data: Path, defaults: dict | None = None):
     from attnkit.eval.benchmarks import get_benchmark
 
@@ -222,11 +254,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         can = sorted(n for n, c in REGISTRY.items() if callable(getattr(c, "calibrate", None)))
         raise UsageError(f"intervention {args.name!r} needs no calibration (it has no calibrate()); interventions "
                          f"that can be calibrated: {', '.join(can) or 'none registered yet'}")
+    options = _calibrate_options(cls.calibrate, args.set)
     if args.data is None or not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is not a directory")
     samples = load_samples(_benchmark(args, Path(args.data)))
     model, processor = load_model_and_processor(args.model, dtype=args.dtype, device_map=_device_map(args.device))
-    result = cls.calibrate(model, processor, samples, Path(args.out))
+    result = cls.calibrate(model, processor, samples, Path(args.out), **options)
     print(f"calibrated {args.name} on {len(samples)} samples -> {args.out}")
     return 0 if result is None or result is not False else 1
 
@@ -317,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--splits")
     p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method's calibrate(), e.g. max_kl=0.02 (vte) or alpha=1.5 (vhr)")
     _add_model_args(p)
     p.set_defaults(func=_cmd_calibrate)
 

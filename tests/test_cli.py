@@ -215,15 +215,22 @@ def test_calibrate_dispatches_or_names_what_can_be_calibrated(models, tmp_path, 
         name = "calibrated-test"
 
         @classmethod
-        def calibrate(cls, model, processor, samples, out_path):
-            calls.append((type(model).__name__, len(samples), out_path))
+        def calibrate(cls, model, processor, samples, out_path, alpha: float = 2.0, layers=None, fast=False):
+            calls.append((type(model).__name__, len(samples), out_path, alpha, layers, fast))
             out_path.write_text("{}")
 
     monkeypatch.setitem(REGISTRY, "calibrated-test", Calibrated)
     assert cli.main(["calibrate", "record", *base]) == 2
     assert "can be calibrated: calibrated-test" in capsys.readouterr().err
     assert cli.main(["calibrate", "calibrated-test", "--limit", "1", *base]) == 0
-    assert calls == [("LlavaForConditionalGeneration", 3, tmp_path / "c.json")]
+    assert calls == [("LlavaForConditionalGeneration", 3, tmp_path / "c.json", 2.0, None, False)]
+    opts = ["--set", "alpha=1.5", "--set", "layers=1+3", "--set", "fast=true"]
+    assert cli.main(["calibrate", "calibrated-test", *opts, *base]) == 0
+    assert calls[-1][3:] == (1.5, (1, 3), True)
+    assert cli.main(["calibrate", "calibrated-test", "--set", "beta=1", *base]) == 2
+    assert "bad --set 'beta=1'; write key=value with a key among: alpha (default 2.0), layers" in capsys.readouterr().err
+    assert cli.main(["calibrate", "calibrated-test", "--set", "alpha=big", *base]) == 2
+    assert "'big' is not a float" in capsys.readouterr().err
 
 
 def test_default_eval_runs_the_embedded_demo(models, tmp_path, capsys, monkeypatch):
