@@ -228,7 +228,8 @@ def test_calibrate_dispatches_or_names_what_can_be_calibrated(models, tmp_path, 
     assert cli.main(["calibrate", "calibrated-test", *opts, *base]) == 0
     assert calls[-1][3:] == (1.5, (1, 3), True)
     assert cli.main(["calibrate", "calibrated-test", "--set", "beta=1", *base]) == 2
-    assert "bad --set 'beta=1'; write key=value with a key among: alpha (default 2.0), layers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad --set 'beta=1'; write key=value with a key among: alpha (default 2.0), layers" in err
     assert cli.main(["calibrate", "calibrated-test", "--set", "alpha=big", *base]) == 2
     assert "'big' is not a float" in capsys.readouterr().err
 
