@@ -105,8 +105,11 @@ class PAI(Intervention):
                 return scores
             i = last - rows.start
             z = scores[:, :, i:i + 1]
+            amplified = torch.where(image, z + self.alpha * z.abs(), z)
+            if scores.shape[2] == 1:   # the usual case: only the last row runs eagerly
+                return amplified
             scores = scores.clone()
-            scores[:, :, i:i + 1] = torch.where(image, z + self.alpha * z.abs(), z)
+            scores[:, :, i:i + 1] = amplified
             return scores
 
         call.edit_scores(amplify, rows=slice(last, last + 1))
