@@ -103,10 +103,6 @@ def _image_last_inputs(processor, family):
                      padding=True)
 
 
-def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
@@ -126,7 +122,7 @@ def test_family_identity_effect_and_generate(tiny, family):
         with attnkit.intervene(model, MMA(marker_ids=marker_ids)):
             marked = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=2, **GEN)
-            loop = _greedy_no_cache(model, inputs, 2, positions_from_mask=not family.startswith("qwen"))
+            loop = testing.greedy_reference(model, inputs, 2, family)
     v_last = last["attention_mask"].bool()
     torch.testing.assert_close(same[v_last], ref_last[v_last], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3

@@ -88,10 +88,6 @@ class AnswerRows(Intervention):
         call.edit_scores(edit)
 
 
-def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
@@ -107,7 +103,7 @@ def test_family_identity_effect_and_generate(tiny, family):
         visual = inputs["input_ids"] == model.config.image_token_id
         answer_rows = AnswerRows(alpha=0.2, prompt_len=inputs["input_ids"].shape[1], visual=visual)
         with attnkit.intervene(model, answer_rows):
-            loop = _greedy_no_cache(model, inputs, 3, positions_from_mask=not family.startswith("qwen"))
+            loop = testing.greedy_reference(model, inputs, 3, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-5
     before_last = valid.clone()

@@ -144,17 +144,13 @@ def test_kept_set_is_top_k_of_independent_scores(tiny, family):
         assert kept[b] == expected
 
 
-def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
-
-
 @pytest.mark.parametrize("family", PRUNE_FAMILIES)
 def test_cls_prune_generate_equals_no_cache_loop(tiny, family):
     model, processor = tiny(family)
     inputs = testing.tiny_inputs(processor, batch=3)
     with attnkit.intervene(model, "cls-prune:keep=4"):
         out = model.generate(**inputs, max_new_tokens=5, **GEN)
-        ref = _greedy_no_cache(model, inputs, 5, positions_from_mask=not family.startswith("qwen"))
+        ref = testing.greedy_reference(model, inputs, 5, family)
     assert torch.equal(out, ref)
 
 
@@ -195,7 +191,7 @@ def test_fastv_generate_equals_no_cache_masking_loop(tiny, family):
         kept = handle.stats()["fastv"]["kept_positions"]
     dropped = _dropped(inputs, model.config.image_token_id, kept)
     with attnkit.intervene(model, testing.mask_keys(1, dropped)):
-        ref = _greedy_no_cache(model, inputs, 5, positions_from_mask=not family.startswith("qwen"))
+        ref = testing.greedy_reference(model, inputs, 5, family)
     assert torch.equal(out, ref)
 
 
@@ -293,7 +289,7 @@ def test_several_images_per_sample_and_ragged_keep(tiny, family):
         pruned = _logits(model, inputs)
         stats = handle.stats()["cls-prune"]
         out = model.generate(**inputs, max_new_tokens=4, **GEN)
-        ref_tokens = _greedy_no_cache(model, inputs, 4, positions_from_mask=not family.startswith("qwen"))
+        ref_tokens = testing.greedy_reference(model, inputs, 4, family)
     assert torch.equal(out, ref_tokens)
     ref, cols = _reference_on_kept(model, inputs, stats["kept_positions"])
     valid = torch.gather(inputs["attention_mask"], 1, cols).bool()

@@ -173,10 +173,6 @@ def test_find_sink_dims_finds_planted_dims(tiny):
     assert found == planted
 
 
-def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
@@ -192,7 +188,7 @@ def test_family_identity_effect_and_generate(tiny, family):
             # text sinks off: generated tokens can never be sinks, so a no-cache loop sees the same sinks
             handle.interventions[0].text_sinks = False
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
-            loop = _greedy_no_cache(model, inputs, 3, positions_from_mask=not family.startswith("qwen"))
+            loop = testing.greedy_reference(model, inputs, 3, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3
     assert sum(stats["layers"][2]["visual_sinks"]) > 0 and stats["layers"][2]["image_centric_share"] > 0

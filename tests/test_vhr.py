@@ -122,16 +122,11 @@ class FixedHeads(Intervention):
         call.edit_output(lambda out: out * f)
 
 
-def _greedy_no_cache(model, inputs, steps, positions_from_mask):
-    return testing.greedy_no_cache(model, inputs, steps, positions_from_mask, suppress=SPECIAL)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
     inputs = testing.tiny_inputs(processor, batch=2)
     valid = inputs["attention_mask"].bool()
-    positions = not family.startswith("qwen")
     with torch.no_grad():
         ref = model(**inputs).logits
         with attnkit.intervene(model, "vhr:alpha=1"):
@@ -142,7 +137,7 @@ def test_family_identity_effect_and_generate(tiny, family):
             out = model.generate(**inputs, max_new_tokens=2, **GEN)
         # heads are chosen once, at the first generation step: a no-cache loop with those heads fixed
         with attnkit.intervene(model, FixedHeads(factors=dict(vhr._factor))):
-            loop = _greedy_no_cache(model, inputs, 2, positions)
+            loop = testing.greedy_reference(model, inputs, 2, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3
     assert torch.equal(out, loop)
@@ -164,7 +159,7 @@ def test_calibrate_writes_json_and_scores_reproduce_generate(tiny, tmp_path):
     with attnkit.intervene(model, f"vhr:scores={out_path}") as handle, torch.no_grad():
         heads = handle.stats()["vhr"]["heads"]
         out = model.generate(**inputs, max_new_tokens=3, **GEN)
-        loop = _greedy_no_cache(model, inputs, 3, positions_from_mask=False)
+        loop = testing.greedy_reference(model, inputs, 3, "qwen2_5_vl")
     scores = data["layers"]["2"]
     median = sorted(scores)[1] / 2 + sorted(scores)[2] / 2
     assert heads[2] == [[h for h in range(4) if scores[h] > median]]
