@@ -169,8 +169,7 @@ class AttentionCall:
             out = self._eager_with_edits(lo, hi)
         else:
             out = self.base_fn(self.module, self.query, self.key, self.value, self.mask, **self.kwargs)[0]
-            if hi > lo:  # only some rows are edited: they replace the model's own rows
-                out = out.clone() if out._base is not None else out
+            if hi > lo:  # only some rows are edited: they replace the model's own rows (a fresh tensor)
                 out[:, lo:hi] = self._eager_with_edits(lo, hi)
         for fn in self._output_edits:
             out = fn(out)
