@@ -22,16 +22,32 @@ from attnkit.synth.demo import demo_data_path, demo_model_path
 from attnkit.synth.model import prompt
 
 
+def _batches(processor, images: list[Image.Image], texts: list[str], batch: int):
+    """Processor inputs (chat prompt, left padding) for ``batch`` samples at a time."""
+    for i in range(0, len(texts), batch):
+        prompts = [prompt(processor, t) for t in texts[i:i + batch]]
+        yield processor(images=images[i:i + batch], text=prompts, return_tensors="pt", padding=True)
+
+
 def generate(model, processor, images: list[Image.Image], texts: list[str], max_new_tokens: int,
              batch: int = 16) -> list[str]:
     out: list[str] = []
-    for i in range(0, len(texts), batch):
-        prompts = [prompt(processor, t) for t in texts[i:i + batch]]
-        inp = processor(images=images[i:i + batch], text=prompts, return_tensors="pt", padding=True)
+    for inp in _batches(processor, images, texts, batch):
         with torch.no_grad():
             ids = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
         out += processor.tokenizer.batch_decode(ids[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in out]
+
+
+def yes_probability(model, processor, images: list[Image.Image], texts: list[str], batch: int = 16) -> list[float]:
+    """P("yes") / (P("yes") + P("no")) of the first answer token: how sure the model is, not just what it says."""
+    yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
+    out: list[float] = []
+    for inp in _batches(processor, images, texts, batch):
+        with torch.no_grad():
+            logits = model(**inp).logits[:, -1]
+        out += torch.softmax(logits[:, [yes, no]].float(), -1)[:, 0].tolist()
+    return out
 
 
 def pope_metrics(answers: list[str], labels: list[str]) -> dict[str, float]:
@@ -71,6 +87,9 @@ def evaluate(model, processor, data: Path, prefix: str = "synth", limit: int | N
         images = [Image.open(data / "images" / r["image"]).convert("RGB") for r in rows]
         answers = generate(model, processor, images, [r["text"] for r in rows], max_new_tokens=3)
         results[f"pope_{split}"] = pope_metrics(answers, [r["label"] for r in rows])
+        p_yes = yes_probability(model, processor, images, [r["text"] for r in rows])
+        absent = [p for p, r in zip(p_yes, rows, strict=True) if r["label"] == "no"]
+        results[f"pope_{split}"]["p_yes_absent"] = sum(absent) / max(1, len(absent))  # the prior at work
     inst = json.loads((data / f"{prefix}_chair_instances.json").read_text())
     names = {c["id"]: c["name"] for c in inst["categories"]}
     truth: dict[int, set[str]] = {im["id"]: set() for im in inst["images"]}

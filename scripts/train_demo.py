@@ -1,14 +1,22 @@
-"""Train the demo LLaVA model that ships in ``attnkit/assets/demo/model`` (CPU, about 30 minutes).
+"""Train the demo LLaVA model that ships in ``attnkit/assets/demo/model`` (2 CPU cores: about 35 minutes).
 
 Stage A trains the CLIP vision tower contrastively: its pooled [CLS] embedding against learned
 caption embeddings (InfoNCE over the batch, CLIP-style) plus a sigmoid loss against learned
 category embeddings (SigLIP-style), so [CLS] has to gather the objects from the patches. A dense
-sigmoid loss aligns each patch of the feature layer (-2) with the categories whose box covers it
-(region-text alignment); it makes the patches the LLM sees informative within the CPU budget.
-Stage B trains projector + language model (vision tower at a low learning rate) on multi-turn
-conversations: a caption turn and balanced yes/no turns whose negatives are random, popular or
-co-occurring categories. Data are drawn from the seed-0 world by index, so a run is reproducible
-and resumes from its last checkpoint (``--b-steps`` equal to the checkpoint's step just saves it).
+loss classifies each patch of the feature layer (-2) into the category covering most of it or
+background (region-level supervision); it makes the patches the LLM sees informative within the
+CPU budget. Stage B trains projector + language model (vision tower at a low learning rate) on
+multi-turn conversations: an optional caption turn and balanced yes/no turns (each category asked
+once, so no answer can be copied from an earlier turn) whose negatives are random, popular or
+co-occurring categories. Two auxiliary losses make the yes/no grounding switch on reliably (answers
+grounded at the first check, step 500 or 700, in both CPU runs with them; without them it came late
+or never, benchmarks/RESULTS.md): an alignment loss, as in LLaVA's projector pre-training, makes
+each projected object patch predict its category's word through the LM's input embeddings,
+``CE(P(v_i) E^T, w(c_i))``; a probe loss makes the LM head at the asked object's word already
+predict the answer, ``CE(logits[pos(X)], yes/no)``, so "the word finds its patches" is rewarded
+before "the answer reads the word" exists. Data are drawn from the seed's world by index, so a run
+is reproducible and resumes from its last checkpoint (``--b-steps`` equal to the checkpoint's
+step just saves it). ``--device cuda`` runs the same recipe on a GPU (≈ 2.5 min; other weights).
 
     python scripts/train_demo.py --out attnkit/assets/demo/model --work runs/demo_train
 """
@@ -37,10 +45,10 @@ KIND_INDEX = {k: i for i, k in enumerate(SCENE_TYPES)}
 @dataclass
 class TrainConfig:
     seed: int = 0
-    a_steps: int = 180
+    a_steps: int = 300
     a_batch: int = 48
-    a_lr: float = 1e-3
-    b_steps: int = 1050
+    a_lr: float = 2e-3
+    b_steps: int = 1300
     b_batch: int = 16
     b_lr: float = 1e-3
     b_vision_lr: float = 2e-4     # 0 freezes the vision tower in stage B
@@ -49,8 +57,16 @@ class TrainConfig:
     random_negatives: float = 0.6   # from step b_prior_from on; the rest split between popular and co-occurring
     b_prior_from: int = 200         # before it, negatives are a third each (balanced per category: no prior)
     caption_prob: float = 0.7
+    caption_mode: str = "random"    # "random": anywhere; "last": after the questions; "separate": own conversation
+    align_weight: float = 1.0       # stage B: projected patches predict their category's word (0: off)
+    probe_weight: float = 1.0       # stage B: the question's object word already predicts the answer (0: off)
     threads: int = 2
+    device: str = "cpu"             # "cuda" on a lent GPU: the same recipe, not bit-identical weights
     ckpt_every: int = 50
+
+    def __post_init__(self):
+        if self.caption_mode not in ("random", "last", "separate"):
+            raise ValueError(f"caption_mode={self.caption_mode!r}; allowed: 'random', 'last', 'separate'")
 
 
 def pixels(images, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -74,17 +90,19 @@ class CaptionEncoder(nn.Module):
 
 
 def patch_targets(scenes, grid: int, patch: int, min_cover: float = 0.3) -> torch.Tensor:
-    """(batch, grid*grid, categories): 1 where a category's box covers >= ``min_cover`` of the patch."""
-    out = torch.zeros(len(scenes), grid, grid, len(CATEGORIES))
+    """(batch, grid*grid) class of each patch: 1 + the category covering most of it (>= ``min_cover``), else 0."""
+    cover = torch.zeros(len(scenes), grid, grid, len(CATEGORIES))
     edges = np.arange(grid) * patch
     for i, s in enumerate(scenes):
         for o in s.objects:
             x, y, w, h = o.bbox
             ox = np.clip(np.minimum(edges + patch, x + w) - np.maximum(edges, x), 0, None)
             oy = np.clip(np.minimum(edges + patch, y + h) - np.maximum(edges, y), 0, None)
-            cover = torch.from_numpy(np.outer(oy, ox) / patch**2) >= min_cover
-            out[i, :, :, CAT_INDEX[o.category]] = torch.maximum(out[i, :, :, CAT_INDEX[o.category]], cover.float())
-    return out.flatten(1, 2)
+            k = CAT_INDEX[o.category]
+            share = torch.from_numpy(np.outer(oy, ox) / patch**2).float()
+            cover[i, :, :, k] = torch.maximum(cover[i, :, :, k], share)
+    best, cat = cover.flatten(1, 2).max(-1)
+    return torch.where(best >= min_cover, cat + 1, torch.zeros_like(cat))
 
 
 def cosine_lr(step: int, total: int, warmup: int = 50) -> float:
@@ -97,13 +115,15 @@ def stage_a(model, world: SynthWorld, cfg: TrainConfig, work: Path, mean, std) -
     path = work / "stage_a.pt"
     tower = model.model.vision_tower
     if path.exists():
-        tower.load_state_dict(torch.load(path))
+        tower.load_state_dict(torch.load(path, map_location=cfg.device))
         print(f"[A] loaded {path}", flush=True)
         return
     dim = tower.config.hidden_size
-    text = CaptionEncoder(dim)
-    head, patch_head = nn.Linear(dim, dim), nn.Linear(dim, dim)
-    scale, bias = nn.Parameter(torch.tensor(math.log(10.0))), nn.Parameter(torch.tensor(-2.0))
+    dev = cfg.device
+    text = CaptionEncoder(dim).to(dev)
+    head, patch_head = nn.Linear(dim, dim).to(dev), nn.Linear(dim, len(CATEGORIES) + 1).to(dev)
+    scale = nn.Parameter(torch.tensor(math.log(10.0), device=dev))
+    bias = nn.Parameter(torch.tensor(-2.0, device=dev))
     params = [*tower.parameters(), *text.parameters(), *head.parameters(), *patch_head.parameters(), scale, bias]
     grid, patch = tower.config.image_size // tower.config.patch_size, tower.config.patch_size
     opt = torch.optim.AdamW(params, lr=cfg.a_lr, weight_decay=0.05)
@@ -113,23 +133,23 @@ def stage_a(model, world: SynthWorld, cfg: TrainConfig, work: Path, mean, std) -
         for g in opt.param_groups:
             g["lr"] = cfg.a_lr * cosine_lr(step, cfg.a_steps)
         scenes = [world.scene(step * cfg.a_batch + i) for i in range(cfg.a_batch)]
-        x = pixels([world.render(s) for s in scenes], mean, std)
+        x = pixels([world.render(s) for s in scenes], mean, std).to(dev)
         multi_hot = torch.zeros(len(scenes), len(CATEGORIES))
         for i, s in enumerate(scenes):
             multi_hot[i, [CAT_INDEX[c] for c in s.categories]] = 1
-        kind = torch.tensor([KIND_INDEX[s.kind] for s in scenes])
+        multi_hot = multi_hot.to(dev)
+        kind = torch.tensor([KIND_INDEX[s.kind] for s in scenes], device=dev)
         out = tower(pixel_values=x, output_hidden_states=True)
         img = F.normalize(head(out.pooler_output), dim=-1)
         cats = F.normalize(text.cats, dim=-1)
         txt = text(multi_hot, kind)
         logits = img @ txt.T * scale.exp()
-        target = torch.arange(len(scenes))
+        target = torch.arange(len(scenes), device=dev)
         nce = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         cat_logits = img @ cats.T * scale.exp() + bias
         sig = F.binary_cross_entropy_with_logits(cat_logits, multi_hot)
-        patches = F.normalize(patch_head(out.hidden_states[-2][:, 1:]), dim=-1)
-        dense = F.binary_cross_entropy_with_logits(patches @ cats.T * scale.exp() + bias,
-                                                   patch_targets(scenes, grid, patch))
+        dense = F.cross_entropy(patch_head(out.hidden_states[-2][:, 1:]).flatten(0, 1),
+                                patch_targets(scenes, grid, patch).flatten().to(dev))
         loss = nce + sig + dense
         opt.zero_grad()
         loss.backward()
@@ -149,6 +169,7 @@ class Conversations:
         self.tok, self.world, self.cfg = processor.tokenizer, world, cfg
         self.n_image = processor.num_image_tokens if hasattr(processor, "num_image_tokens") else 144
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self.a_id = self.tok.convert_tokens_to_ids("a")
         stats = world_stats([world.scene(10_000_000 + i) for i in range(3000)])
         self.stats = stats
         self._cache: dict[str, list[int]] = {}
@@ -158,25 +179,31 @@ class Conversations:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def sample(self, index: int, step: int) -> tuple[list[int], list[int]]:
+    def sample(self, index: int, step: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Token ids, labels, and (position of the asked object's word, answer id) of each yes/no turn."""
         rng = np.random.default_rng([self.cfg.seed, index, 7])
         r = self.cfg.random_negatives if step >= self.cfg.b_prior_from else 1 / 3
         scene = self.world.scene(index)
         turns = question_answers(scene, rng, self.stats.cooccur, self.stats.frequency, n=self.cfg.qa_turns,
                                  suffix_prob=self.cfg.suffix_prob,
                                  negative_mix=(r, (1 - r) / 2, (1 - r) / 2))
-        if rng.random() < self.cfg.caption_prob:
-            turns.append((CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))], caption(scene)))
-        order = rng.permutation(len(turns))
+        turns = [turns[t] for t in rng.permutation(len(turns))]
+        cap = (CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))], caption(scene))
+        mode = self.cfg.caption_mode
+        if mode == "separate":
+            turns = [cap] if rng.random() < self.cfg.caption_prob else turns
+        elif rng.random() < self.cfg.caption_prob:
+            turns.insert(rng.integers(len(turns) + 1) if mode == "random" else len(turns), cap)
         ids = [self.tok.bos_token_id] + self.ids("USER:") + [self.image_id] * 144
-        labels = [-100] * len(ids)
-        for k, t in enumerate(order):
-            q, a = turns[t]
+        labels, probes = [-100] * len(ids), []
+        for k, (q, a) in enumerate(turns):
             p = self.ids(("" if k == 0 else "USER: ") + q + " ASSISTANT:")
             ans = self.ids(a) + [self.tok.eos_token_id]
+            if a in ("yes", "no"):  # "... is there a X": X follows the first "a"
+                probes.append((len(ids) + p.index(self.a_id) + 1, ans[0]))
             ids += p + ans
             labels += [-100] * len(p) + ans
-        return ids, labels
+        return ids, labels, probes
 
 
 def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, mean, std) -> None:
@@ -191,13 +218,17 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
     opt = torch.optim.AdamW(groups, lr=cfg.b_lr, weight_decay=0.0)
     ckpt, start = work / "stage_b.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt)
+        state = torch.load(ckpt, map_location=cfg.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"[B] resumed at step {start}", flush=True)
     model.train()
     tower.train(cfg.b_vision_lr > 0)
+    projected: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: projected.append(out))
+    word = torch.tensor([-100] + processor.tokenizer.convert_tokens_to_ids([c.name for c in CATEGORIES]))
+    grid, patch = tower.config.image_size // tower.config.patch_size, tower.config.patch_size
     t0, recent = time.time(), []
     offset = 1_000_000  # scene indices disjoint from stage A's
     for step in range(start, cfg.b_steps):
@@ -209,8 +240,21 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
         input_ids = torch.tensor([s[0] + [0] * (n - len(s[0])) for s in samples])
         labels = torch.tensor([s[1] + [-100] * (n - len(s[1])) for s in samples])
         mask = torch.tensor([[1] * len(s[0]) + [0] * (n - len(s[0])) for s in samples])
-        x = pixels([world.render(world.scene(i)) for i in idx], mean, std)
-        loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=x, labels=labels).loss
+        scenes = [world.scene(i) for i in idx]
+        x = pixels([world.render(s) for s in scenes], mean, std)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": x, "labels": labels}
+        projected.clear()
+        out = model(**{k: v.to(cfg.device) for k, v in batch.items()})
+        loss = out.loss
+        probes = [(b, pos, a) for b, s in enumerate(samples) for pos, a in s[2]]
+        if cfg.probe_weight > 0 and probes:
+            rows, cols, answers = zip(*probes, strict=True)
+            probe = F.cross_entropy(out.logits[list(rows), list(cols)], torch.tensor(answers, device=cfg.device))
+            loss = loss + cfg.probe_weight * probe
+        if cfg.align_weight > 0:
+            target = word[patch_targets(scenes, grid, patch)].to(cfg.device)
+            logits = projected[0] @ model.get_input_embeddings().weight.T
+            loss = loss + cfg.align_weight * F.cross_entropy(logits.flatten(0, 1), target.flatten())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -221,6 +265,7 @@ def stage_b(model, processor, world: SynthWorld, cfg: TrainConfig, work: Path, m
                   flush=True)
         if (step + 1) % cfg.ckpt_every == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+    hook.remove()
 
 
 @torch.no_grad()
@@ -236,12 +281,13 @@ def quick_check(model, processor, n: int = 60) -> None:
         pool = s.categories if yes else [c.name for c in CATEGORIES if c.name not in s.categories]
         obj = pool[rng.integers(len(pool))]
         inp = processor(images=[world.render(s)], text=[prompt(processor, f"Is there a {obj} in the image?")],
-                        return_tensors="pt")
+                        return_tensors="pt").to(model.device)
         out = model.generate(**inp, max_new_tokens=2, do_sample=False)
         ans = processor.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         correct += ans.startswith("yes") == yes
     s = world.scene(0)
     inp = processor(images=[world.render(s)], text=[prompt(processor, CAPTION_PROMPTS[0])], return_tensors="pt")
+    inp = inp.to(model.device)
     out = model.generate(**inp, max_new_tokens=30, do_sample=False)
     print(f"[check] yes/no acc {correct / n:.3f}; caption: "
           f"{processor.tokenizer.decode(out[0, inp['input_ids'].shape[1]:], skip_special_tokens=True)!r} "
@@ -273,12 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     ref = processor(images=[im], text=[prompt(processor, "x")], return_tensors="pt")["pixel_values"]
     assert torch.allclose(pixels([im], mean, std), ref, atol=1e-5), "pixel pipeline differs from the processor"
 
+    model.to(cfg.device)
     t0 = time.time()
     stage_a(model, world, cfg, work, mean, std)
     print(f"[A] done {time.time() - t0:.0f}s", flush=True)
     stage_b(model, processor, world, cfg, work, mean, std)
     print(f"[B] done {time.time() - t0:.0f}s", flush=True)
     quick_check(model, processor)
+    model.to("cpu")
     model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2

@@ -11,8 +11,9 @@ from PIL import Image
 
 from attnkit.synth import demo_data_path
 from attnkit.synth.export import ExportConfig, export_benchmark, synonyms_text
-from attnkit.synth.text import caption, vocabulary
-from attnkit.synth.world import CATEGORIES, SynthWorld, WorldConfig, world_stats
+from attnkit.synth.model import build_processor
+from attnkit.synth.text import POPE_QUESTION, POPE_SUFFIX, caption, question_answers, vocabulary
+from attnkit.synth.world import CATEGORIES, Scene, SceneObject, SynthWorld, WorldConfig, world_stats
 
 NAMES = {c.name for c in CATEGORIES}
 
@@ -45,6 +46,34 @@ def test_scenes_are_valid_and_have_cooccurrence():
     assert stats.cooccur["cup"]["table"] > 1.5 * stats.frequency["table"]
     assert stats.cooccur["car"]["laptop"] < 0.5 * stats.frequency["laptop"]
     assert set(caption(scenes[0]).split()) <= set(vocabulary()) | {"a"}
+
+
+def test_training_questions_are_balanced_and_never_repeat_a_category():
+    world = SynthWorld(WorldConfig(seed=0))
+    stats = world_stats([world.scene(i) for i in range(300)])
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        scene = world.scene(i)
+        qa = question_answers(scene, rng, stats.cooccur, stats.frequency, n=8, suffix_prob=0.5,
+                              negative_mix=(0.2, 0.4, 0.4))
+        before, after = POPE_QUESTION.split("{}")
+        cats = [q.removesuffix(POPE_SUFFIX).removeprefix(before).removesuffix(after) for q, _ in qa]
+        assert len(set(cats)) == len(cats), qa                       # nothing to copy from an earlier turn
+        assert [a for _, a in qa] == ["yes", "no"] * min(4, len(scene.categories))
+        assert all((c in scene.categories) == (a == "yes") for c, (_, a) in zip(cats, qa, strict=True))
+
+
+def test_patch_targets_label_each_patch_with_the_category_covering_most_of_it():
+    from scripts.train_demo import CAT_INDEX, patch_targets
+
+    objects = (SceneObject("cup", (8, 0, 12, 8), (0, 0, 0)), SceneObject("dog", (0, 16, 8, 8), (0, 0, 0)),
+               SceneObject("tree", (4, 16, 3, 8), (0, 0, 0)))
+    scene = Scene(0, "kitchen", objects, (255, 255, 255), 24, 24)
+    got = patch_targets([scene], grid=3, patch=8).view(3, 3)
+    cup, dog = CAT_INDEX["cup"] + 1, CAT_INDEX["dog"] + 1
+    # cup covers patch (0,1) fully and half of (0,2); dog covers (2,0) fully, more than the tree's 3/8
+    assert got.tolist() == [[0, cup, cup], [0, 0, 0], [dog, 0, 0]]
+    assert patch_targets([scene], grid=3, patch=8, min_cover=0.6).view(3, 3)[0].tolist() == [0, cup, 0]
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +170,25 @@ def test_shipped_data_is_the_default_export():
         shipped = np.asarray(Image.open(data / "images" / name).convert("RGB"))
         scene = world.scene(int(name.rsplit("_", 1)[1].split(".")[0]))
         assert np.array_equal(shipped, np.asarray(world.render(scene))), name
+
+
+def test_training_conversations_probe_the_asked_object_word():
+    from scripts.train_demo import Conversations, TrainConfig
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    conv = Conversations(processor, SynthWorld(WorldConfig(seed=0)), TrainConfig())
+    n_probes = 0
+    for i in range(20):
+        ids, labels, probes = conv.sample(1_000_000 + i, step=300)
+        assert len(ids) == len(labels) and ids.count(tok.convert_tokens_to_ids("<image>")) == 144
+        words = tok.convert_ids_to_tokens(ids)
+        for pos, answer in probes:
+            assert words[pos - 3:pos] == ["is", "there", "a"] and words[pos] in NAMES
+            # the answer the probe asks for is the one the turn is trained on (first label after the question)
+            assert tok.convert_ids_to_tokens(answer) == next(tok.convert_ids_to_tokens(x)
+                                                             for x in labels[pos:] if x != -100)
+        n_probes += len(probes)
+    assert n_probes >= 20 * 4
+    with pytest.raises(ValueError, match="caption_mode='end'; allowed"):
+        TrainConfig(caption_mode="end")

@@ -27,19 +27,19 @@ def caption(scene: Scene) -> str:
 def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, dict[str, float]],
                      frequency: dict[str, float], n: int = 2, suffix_prob: float = 0.5,
                      negative_mix: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> list[tuple[str, str]]:
-    """``n`` balanced (question, "yes"/"no") pairs; negatives are random, popular or co-occurring.
+    """Up to ``n`` balanced (question, "yes"/"no") pairs, alternating, each category asked at most once.
 
-    ``negative_mix`` gives the shares of the three kinds of negatives. Random negatives leave each
-    category a prior P(yes | category) that grows with its frequency, as on COCO; popular and
-    co-occurring negatives teach the model to look rather than guess.
+    Asking a category once means no answer can be copied from an earlier turn: every one has to come
+    from the image. ``negative_mix`` gives the shares of random, popular and co-occurring negatives.
+    Random negatives leave each category a prior P(yes | category) that grows with its frequency, as
+    on COCO; popular and co-occurring negatives teach the model to look rather than guess.
     """
     present = scene.categories
     absent = [c.name for c in CATEGORIES if c.name not in present]
-    out = []
-    for k in range(n):
-        if k % 2 == 0:
-            out.append((present[rng.integers(len(present))], "yes"))
-            continue
+    k = min(n // 2, len(present), len(absent))
+    positives = [present[i] for i in rng.permutation(len(present))[:k]]
+    negatives: list[str] = []
+    for _ in range(k):
         mode = rng.choice(3, p=np.asarray(negative_mix) / sum(negative_mix))
         if mode == 0:
             w = np.ones(len(absent))
@@ -47,7 +47,8 @@ def question_answers(scene: Scene, rng: np.random.Generator, cooccur: dict[str, 
             w = np.array([frequency[a] for a in absent]) + 1e-3
         else:
             w = np.array([sum(cooccur[p].get(a, 0.0) for p in present) for a in absent]) + 1e-3
-        out.append((absent[rng.choice(len(absent), p=w / w.sum())], "no"))
+        negatives.append(absent.pop(int(rng.choice(len(absent), p=w / w.sum()))))
+    out = [pair for yes, no in zip(positives, negatives, strict=True) for pair in ((yes, "yes"), (no, "no"))]
     return [(POPE_QUESTION.format(c) + (POPE_SUFFIX if rng.random() < suffix_prob else ""), a) for c, a in out]
 
 
