@@ -240,12 +240,12 @@ def greedy_no_cache(model, inputs: dict, steps: int, positions_from_mask: bool =
     return inputs["input_ids"]
 
 
-
 def greedy_reference(model, inputs: dict, steps: int, family: str) -> torch.Tensor:
     """:func:`greedy_no_cache` as the tests use it for ``family``: 1-D positions from the mask (all but
     Qwen's rope index) and :data:`SPECIAL_IDS` suppressed (random models must not emit image markers)."""
     return greedy_no_cache(model, inputs, steps, positions_from_mask=not family.startswith("qwen"),
                            suppress=SPECIAL_IDS)
+
 
 def mask_keys(from_layer: int, dropped: list[list[int]]):
     """A reference intervention: in layers >= ``from_layer`` no query attends to the key positions
