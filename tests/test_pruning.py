@@ -267,10 +267,18 @@ def test_bad_parameters(tiny, spec, match):
     assert getattr(model, "_attnkit_handle", None) is None
 
 
-def test_keep_larger_than_image_is_a_clear_error(tiny):
-    model, processor = tiny("llava")
-    with attnkit.intervene(model, "cls-prune:keep=17"):
-        with pytest.raises(ValueError, match="keep=17 exceeds the 16 visual tokens of image 0 of sample 0"):
+@pytest.mark.parametrize("spec", ["cls-prune:keep=17", "fastv:keep=17"])
+def test_keep_larger_than_a_fixed_resolution_image_fails_at_wrap(tiny, spec):
+    model, _ = tiny("llava")
+    with pytest.raises(ValueError, match="keep=17 exceeds the 16 visual tokens every image has on llava"):
+        attnkit.wrap(model, spec)
+    assert attnkit.handle_of(model) is None
+
+
+def test_keep_larger_than_a_dynamic_image_is_a_clear_error_at_run_time(tiny):
+    model, processor = tiny("qwen2_vl")
+    with attnkit.intervene(model, "cls-prune:keep=100000"):
+        with pytest.raises(ValueError, match="keep=100000 exceeds the 16 visual tokens of image 0 of the batch"):
             _logits(model, testing.tiny_inputs(processor))
 
 
@@ -298,16 +306,59 @@ def test_several_images_per_sample_and_ragged_keep(tiny, family):
 
 
 def test_budget_shared_between_groups_on_hand_made_scores():
-    from attnkit.interventions.cls_prune import _select
+    from attnkit.interventions.pruning import count, topk_in_groups
 
-    scores = torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.7, 0.05, 0.6, 0.4, 0.0, 0.0, float("inf"), float("inf")])
-    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1])
-    # 12 free tokens (4 base, 8 grid), keep 6 -> base round(6 * 4/12) = 2, grid the other 4; newlines always
-    assert _select(scores, groups, 6, "x").tolist() == [0, 2, 5, 6, 8, 9, 12, 13]
-    assert _select(None, groups, 6, "x").tolist() == [0, 3, 4, 6, 9, 11, 12, 13]
-    assert _select(scores, torch.zeros(4, dtype=torch.long), 0.5, "x").tolist() == [0, 2]
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.7, 0.05, 0.6, 0.4, 0.01, 0.02])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    # 12 tokens (4 base, 8 in two grid crops), keep 6 -> base round(6 * 4/12) = 2, the grid the other 4 by top score
+    assert topk_in_groups(scores, groups, 6).tolist() == [0, 2, 5, 6, 8, 9]
+    assert topk_in_groups(None, groups, 6).tolist() == [0, 3, 4, 6, 9, 11]
+    # per_crop: the same k = 6 / 3 = 2 in every crop (FasterVLM's LLaVA-NeXT rule)
+    assert topk_in_groups(scores, groups, 6, "per_crop").tolist() == [0, 2, 5, 6, 8, 9]
+    assert topk_in_groups(scores, groups, 9, "per_crop").tolist() == [0, 2, 3, 4, 5, 6, 8, 9, 11]
+    assert count(0.5, 4, "keep", "x") == 2
     with pytest.raises(ValueError, match="keep=13 exceeds the 12 visual tokens of x"):
-        _select(scores, groups, 13, "x")
+        count(13, 12, "keep", "x")
+
+
+def test_per_crop_budget_keeps_the_same_k_in_five_equal_crops():
+    from attnkit.interventions.pruning import split_budget, topk_in_groups
+
+    groups = torch.arange(5).repeat_interleave(16)
+    scores = torch.linspace(0, 1, 80) ** 2 * torch.tensor([1.0, 3.0, 0.2, 2.0, 1.0]).repeat_interleave(16)
+    per_crop = topk_in_groups(scores, groups, 20, "per_crop")
+    assert torch.bincount(groups[per_crop]).tolist() == [4, 4, 4, 4, 4]
+    shared = topk_in_groups(scores, groups, 20, "shared")
+    assert split_budget(20, groups, "shared") == {0: 4, 1: 16, 2: 0, 3: 0, 4: 0}
+    assert torch.bincount(groups[shared], minlength=5).tolist() != [4, 4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("budget", ["shared", "per_crop"])
+def test_next_per_crop_budget_on_the_model(tiny, budget):
+    model, processor = tiny("llava_next")
+    inputs = testing.tiny_inputs(processor, batch=1, image_sizes=[(64, 64)])
+    captured = {}
+    adapter = attnkit.models.get_adapter(model)
+    from attnkit.hooks.install import Installed
+
+    inst = Installed()
+    adapter.install_vision_capture(inst, frozenset({"cls"}), lambda images: captured.update(images=images))
+    try:
+        _logits(model, inputs)
+    finally:
+        inst.remove()
+    group = captured["images"][0]["group"]
+    with attnkit.intervene(model, f"cls-prune:keep=10,budget={budget}") as handle:
+        _logits(model, inputs)
+        kept = handle.stats()["cls-prune"]["kept_positions"][0]
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1).tolist()
+    per_group = torch.bincount(group[[visual.index(p) for p in kept]] + 1).tolist()   # [newlines, base, crop 1..]
+    crops = int(group.max()) + 1
+    if budget == "per_crop":
+        assert per_group[1:] == [2] * crops
+    else:
+        assert sum(per_group[1:]) == 10
+    assert per_group[0] == int((group == -1).sum())
 
 
 def test_next_keeps_every_row_newline(tiny):

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-if TYPE_CHECKING:
-    from attnkit.interventions.base import Intervention
 
 PREFIX = "attnkit_"
 ATTR = "_attnkit_layer"
@@ -74,6 +70,9 @@ def _make_dispatcher(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         hook: LayerHook | None = getattr(module, ATTR, None)
         fn = base_attention(base, module)
+        if hook is not None and hook.probe is not None:   # a probe wants this layer's query/key only
+            hook.probe.append((query, key, kwargs.get("scaling") or module.scaling))
+            return query.new_zeros(query.transpose(1, 2).shape), None
         if hook is None or not hook.interventions:
             return fn(module, query, key, value, attention_mask, **kwargs)
         call = AttentionCall(module, hook, query, key, value, attention_mask, fn, kwargs)
@@ -88,10 +87,11 @@ def _make_dispatcher(base: str) -> Callable:
 class LayerHook:
     """What the dispatcher needs for one decoder layer: its index, the handle's state, its interventions."""
 
-    def __init__(self, layer_idx: int, state, interventions: list[Intervention]):
+    def __init__(self, layer_idx: int, state, interventions: list):
         self.layer_idx = layer_idx
         self.state = state
         self.interventions = interventions
+        self.probe: list | None = None   # set while a pruner probes this layer's query/key (nothing else runs)
 
 
 class AttentionCall:

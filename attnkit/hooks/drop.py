@@ -1,17 +1,21 @@
-"""Dropping visual tokens inside the LLM: from layer K on, the sequence holds only the kept tokens.
+"""Dropping (and merging) visual tokens in the LLM: from a stage's layer on, the sequence holds only its kept tokens.
 
-One mechanism for K = 0 (pruning right after the vision tower: ``cls-prune``) and K > 0 (``fastv``):
+One mechanism for every pruner, with one or several stages (each a subset of the one before):
 
-- prefill, K = 0: a pre-hook on the language model gathers ``inputs_embeds``, the ORIGINAL position
-  ids (1-D, or Qwen's 3-/4-row mrope ids) and an explicit 2-D mask;
-- prefill, K > 0: a forward hook on layer K-1 gathers its output; pre-hooks on layers >= K gather the
-  rotary ``position_embeddings`` and ``position_ids`` and use a mask rebuilt for the shorter sequence;
-- decode: the cache of layers >= K is simply shorter; the 2-D mask (prompt + generated columns) is
-  compressed the same way; positions continue from the original prompt length;
+- a stage at layer 0 acts on the language model's input: a pre-hook gathers ``inputs_embeds``, the
+  ORIGINAL position ids (1-D, or Qwen's 3-/4-row mrope ids) and an explicit 2-D mask;
+- a stage at layer K > 0 acts on the output of layer K-1 (a forward hook gathers it); pre-hooks on
+  the layers of the stage gather the rotary ``position_embeddings`` / ``position_ids`` and use a mask
+  rebuilt for the shorter sequence;
+- a stage may replace the rows of some kept tokens (merged tokens): they enter layer K with those rows;
+- the decision is asked for by the dropper from inside its own hook (``decide(layer, hidden)``), so
+  the order in which hooks were registered never matters;
+- decode: the cache of each stage's layers is simply shorter; the 2-D mask (prompt + generated
+  columns) is compressed per stage; positions continue from the original prompt length;
 - the language model's output is scattered back to the prompt length (dropped rows are zero), so
   ``logits`` keep the shape of ``input_ids``.
 
-Samples may keep different numbers of tokens: the kept index lists are left-padded and the pad slots
+Samples may keep different numbers of tokens: kept index lists are left-padded and the pad slots
 masked. Needs a dynamic (growing) KV cache.
 """
 
@@ -19,10 +23,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.masking_utils import create_causal_mask
+
+
+@dataclass
+class Decision:
+    """A stage's choice: ``keep`` [B, L] bool over PROMPT positions (non-visual ones always stay; only
+    positions the current layout still holds may be kept), and optional replacement rows per sample:
+    ``rows[b] = (positions [m], values [m, D])`` for kept positions whose row changes (merged tokens)."""
+
+    keep: torch.Tensor
+    rows: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 @dataclass
@@ -35,9 +49,11 @@ class KeepPlan:
     from_layer: int
     visual_before: list[int]
     visual_after: list[int]
+    merged: list[int] = field(default_factory=list)   # per sample: kept tokens whose rows were replaced
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, visual: torch.Tensor, from_layer: int) -> KeepPlan:
+    def from_keep(cls, keep: torch.Tensor, visual: torch.Tensor, from_layer: int,
+                  visual_before: list[int] | None = None) -> KeepPlan:
         """``keep`` [B, L] bool over prompt positions (non-visual positions must be kept)."""
         B, L = keep.shape
         counts = keep.sum(1)
@@ -48,89 +64,181 @@ class KeepPlan:
             n = int(counts[b])
             index[b, Lk - n:] = keep[b].nonzero().squeeze(1)
             slot_valid[b, Lk - n:] = True
-        return cls(index, slot_valid, L, from_layer, visual.sum(1).tolist(), (visual & keep).sum(1).tolist())
+        before = visual.sum(1).tolist() if visual_before is None else visual_before
+        return cls(index, slot_valid, L, from_layer, before, (visual & keep).sum(1).tolist(), [0] * B)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Select the kept positions of ``x`` along ``dim`` (the prompt-length axis; the batch axis precedes it)."""
-        dim = dim % x.dim()
-        idx = self.index.to(x.device)
-        B, Lk = idx.shape
-        if x.shape[dim - 1] != B:  # batch-broadcast tensors such as rotary cos/sin of shape [1, L, D]
-            x = x.expand(*x.shape[: dim - 1], B, *x.shape[dim:])
-        view = [1] * x.dim()
-        view[dim - 1], view[dim] = B, Lk
-        sizes = list(x.shape)
-        sizes[dim] = Lk
-        return torch.gather(x, dim, idx.view(view).expand(sizes))
+        return gather_along(x, dim, self.index)
 
     def compress_mask(self, mask_2d: torch.Tensor) -> torch.Tensor:
         """A 2-D padding mask over prompt (+ generated) columns -> over kept (+ generated) columns."""
         prompt = self.gather(mask_2d[:, : self.prompt_len], 1).bool() & self.slot_valid.to(mask_2d.device)
         return torch.cat([prompt.to(mask_2d.dtype), mask_2d[:, self.prompt_len:]], dim=1)
 
+    def slots_of(self, positions: torch.Tensor, b: int) -> torch.Tensor:
+        """Slots (indices into this layout) of prompt ``positions`` of sample ``b`` (all must be kept)."""
+        where = torch.full((self.prompt_len,), -1, dtype=torch.long)
+        idx = self.index[b].cpu()[self.slot_valid[b].cpu()]
+        where[idx] = torch.arange(self.index.shape[1] - len(idx), self.index.shape[1])
+        slots = where[positions.cpu()]
+        if bool((slots < 0).any()):
+            raise ValueError("a stage may only keep tokens the previous stage kept")
+        return slots
+
+
+def gather_along(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x`` gathered at ``index`` [B, Lk] along ``dim`` (the batch axis precedes it; broadcast batches expand)."""
+    dim = dim % x.dim()
+    idx = index.to(x.device)
+    B, Lk = idx.shape
+    if x.shape[dim - 1] != B:  # batch-broadcast tensors such as rotary cos/sin of shape [1, L, D]
+        x = x.expand(*x.shape[: dim - 1], B, *x.shape[dim:])
+    view = [1] * x.dim()
+    view[dim - 1], view[dim] = B, Lk
+    sizes = list(x.shape)
+    sizes[dim] = Lk
+    return torch.gather(x, dim, idx.view(view).expand(sizes))
+
+
+def layout_at(state, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(visual, valid, text_after_image)`` [B, L_layer] of the sequence decoder layer ``layer_idx`` sees at
+    prefill (after any drop stage before it); None without spans."""
+    spans = state.spans
+    if spans is None:
+        return None
+    visual, valid, text = spans.visual, spans.valid, spans.text_after_image()
+    plan = state.plan_at(layer_idx)
+    if plan is not None:
+        index, slot = plan.index.to(visual.device), plan.slot_valid.to(visual.device)
+        visual, valid, text = (m.gather(1, index) & slot for m in (visual, valid, text))
+    return visual, valid, text
+
 
 class Dropper:
-    """Installs the hooks that run layers >= ``from_layer`` on the kept tokens of the current plan.
+    """Installs the hooks that run each stage's layers on its kept tokens.
 
-    ``decide(state, inputs_embeds) -> keep`` ([B, L] bool, or None to keep everything) is called at prefill when the
-    language model starts (K = 0); for K > 0 an intervention calls :meth:`set_keep` before layer K.
+    ``decide(layer, hidden) -> Decision | None`` is called at prefill for each layer of ``layers``
+    (None: every layer 1..n-1, for decisions made at run time): with the language model's input
+    embeddings for layer 0, else with the output of layer ``layer - 1`` (in the current layout).
     """
 
-    def __init__(self, ctx, from_layer: int | None, decide: Callable | None = None, compact_positions: bool = False):
+    def __init__(self, ctx, layers: tuple[int, ...] | None, decide: Callable, compact_positions: bool = False):
         n = ctx.adapter.num_layers
-        if from_layer is not None and not 0 <= from_layer < n:
-            raise ValueError(f"cannot drop tokens from layer {from_layer}; this model has layers 0..{n - 1}")
+        if not getattr(ctx.adapter, "supports_token_dropping", True):
+            raise ValueError(f"dropping visual tokens is not supported on {ctx.adapter.family} yet")
         if getattr(ctx.adapter.language_model, "has_sliding_layers", False):
             raise ValueError("dropping visual tokens is not supported for sliding-window layers")
-        if compact_positions and from_layer != 0:
+        candidates = tuple(range(1, n)) if layers is None else tuple(sorted(set(layers)))
+        bad = [k for k in candidates if not 0 <= k < n]
+        if bad:
+            raise ValueError(f"cannot drop tokens before layer {bad[0]}; this model has layers 0..{n - 1}, so a "
+                             f"drop layer is in 0..{n - 1} (0 = before the LLM)")
+        if compact_positions and candidates != (0,):
             raise ValueError("compact positions are only defined when dropping before the LLM (layer 0)")
-        self.ctx, self.from_layer, self.decide, self.compact = ctx, from_layer, decide, compact_positions
+        self.ctx, self.candidates, self.decide, self.compact = ctx, candidates, decide, compact_positions
         self._shift: torch.Tensor | None = None   # original - compact position of each sample (compact mode)
         self.lm = ctx.adapter.language_model
-        self._layer_kwargs: dict | None = None
+        self._layer_kwargs: dict[int, dict] = {}   # per plan (by from_layer): kwargs for its layers
         self._mask_2d: torch.Tensor | None = None
         self._caller_positions = True
-        self._decode_mask_2d: torch.Tensor | None = None
+        self._decode_masks: dict[int, torch.Tensor] = {}
         inst = ctx.installed
         inst.forward_pre_hook(ctx.model, self._top_pre, with_kwargs=True)
         inst.forward_pre_hook(self.lm, self._lm_pre, with_kwargs=True)
         inst.forward_hook(self.lm, self._lm_post)
-        layers = ctx.adapter.decoder_layers
-        # a fixed K hooks layer K-1's output and layers >= K; a dynamic one (None: decided at run time) all
-        first = 1 if from_layer is None else max(from_layer, 1)
-        if from_layer != 0:
-            for i in range(first, n):
-                inst.forward_hook(layers[i - 1], functools.partial(self._gather_output, i - 1))
-                inst.forward_pre_hook(layers[i], functools.partial(self._layer_pre, i), with_kwargs=True)
+        layers_ = ctx.adapter.decoder_layers
+        for k in candidates:
+            if k > 0:
+                inst.forward_hook(layers_[k - 1], functools.partial(self._after_layer, k))
+        inst.forward_pre_hook(layers_[0], self._keep_rotary, with_kwargs=True)
+        self._rotary: tuple | None = None
+        first = min((k for k in candidates if k > 0), default=n)
+        for i in range(first, n):
+            inst.forward_pre_hook(layers_[i], functools.partial(self._layer_pre, i), with_kwargs=True)
 
-    # --- decisions -----------------------------------------------------------------------------
-    def set_keep(self, keep: torch.Tensor | None, from_layer: int | None = None) -> None:
-        """Keep these prompt positions ([B, L] bool; non-visual ones always stay) from layer ``from_layer`` on."""
-        from_layer = self.from_layer if from_layer is None else from_layer
-        if keep is None:
-            self.ctx.state.keep_plan = None
-            return
-        if self.from_layer is None and not 1 <= from_layer < self.ctx.adapter.num_layers:
-            raise ValueError(f"cannot drop tokens from layer {from_layer} at run time; use 1.."
-                             f"{self.ctx.adapter.num_layers - 1}")
-        spans = self.ctx.state.spans
-        visual = spans.visual.to(keep.device)
-        self.ctx.state.keep_plan = KeepPlan.from_keep(keep | ~visual, visual, from_layer)
+    # --- plans ---------------------------------------------------------------------------------------
+    @property
+    def plans(self) -> list[KeepPlan]:
+        """This run's plans (on the run state, so other interventions can map positions through them)."""
+        return self.ctx.state.keep_plans
 
     @property
     def plan(self) -> KeepPlan | None:
-        """The current run's plan; kept on the run state so other interventions can map positions through it."""
-        return self.ctx.state.keep_plan
+        """The last plan in force."""
+        return self.plans[-1] if self.plans else None
 
-    # --- hooks -----------------------------------------------------------------------------------
+    def _new_plan(self, decision: Decision, from_layer: int) -> KeepPlan:
+        spans = self.ctx.state.spans
+        visual = spans.visual.to(decision.keep.device)
+        before = self.plan.visual_after if self.plan is not None else None
+        plan = KeepPlan.from_keep(decision.keep | ~visual, visual, from_layer, before)
+        if self.plan is not None:
+            for b in range(spans.batch_size):
+                self.plan.slots_of(plan.index[b][plan.slot_valid[b]], b)   # checks: a subset of the last stage
+        self.ctx.state.keep_plans.append(plan)
+        return plan
+
+    def _apply(self, decision: Decision, from_layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Gather ``hidden`` (the current layout) to the new plan's kept rows and write the replacement rows."""
+        previous = self.plan
+        plan = self._new_plan(decision, from_layer)
+        if previous is None:
+            kept = plan.gather(hidden, 1)
+        else:
+            rel = torch.stack([previous.slots_of(plan.index[b], b) for b in range(plan.index.shape[0])])
+            kept = gather_along(hidden, 1, rel)
+        if decision.rows is not None:
+            kept = kept.clone()
+            for b, item in enumerate(decision.rows):
+                if item is None or len(item[0]) == 0:
+                    continue
+                positions, values = item
+                kept[b, plan.slots_of(positions, b).to(kept.device)] = values.to(kept.dtype).to(kept.device)
+                plan.merged[b] = len(positions)
+        return kept
+
+    def _input_index(self, plan: KeepPlan) -> torch.Tensor:
+        """``plan``'s rows as indices into the language model's input sequence (the first plan, if at layer 0)."""
+        first = self.plans[0]
+        if first.from_layer != 0:
+            return plan.index
+        return torch.stack([first.slots_of(plan.index[b], b) for b in range(plan.index.shape[0])])
+
+    def probe_attention(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(query, key, scaling)`` that decoder layer ``layer``'s attention computes for the residual stream
+        ``hidden`` (the current layout, prefill), through the model's own modules (norm, projections, q/k norms,
+        rotary); nothing is cached or returned to the model."""
+        from attnkit.hooks.attention import ATTR
+
+        plan = self.plan
+        cos, sin = self._rotary
+        if plan is not None and hidden.shape[1] != cos.shape[-2]:
+            index = self._input_index(plan)
+            cos, sin = gather_along(cos, 1, index), gather_along(sin, 1, index)
+        attn = self.ctx.adapter.decoder_layers[layer].self_attn
+        hook = getattr(attn, ATTR)
+        hook.probe = []
+        try:
+            attn(hidden_states=self.ctx.adapter.attention_input(layer, hidden), position_embeddings=(cos, sin),
+                 attention_mask=None, past_key_values=None)
+            query, key, scaling = hook.probe[0]
+        finally:
+            hook.probe = None
+        return query, key, scaling
+
+    # --- hooks -----------------------------------------------------------------------------------------
+    def _keep_rotary(self, module, args, kwargs):
+        if self.ctx.state.step == 0:
+            self._rotary = kwargs.get("position_embeddings")
     def _top_pre(self, module, args, kwargs):
-        # the handle clears state.keep_plan at each prefill; _lm_pre clears the per-forward layer kwargs
+        # the handle clears state.keep_plans at each prefill; _lm_pre clears the per-forward layer kwargs
         self._caller_positions = self.ctx.adapter.forward_arg("position_ids", args, kwargs) is not None
 
     def _lm_pre(self, module, args, kwargs):
         state = self.ctx.state
         embeds = kwargs.get("inputs_embeds")
-        self._layer_kwargs = None
+        self._layer_kwargs = {}
         if embeds is None or state.spans is None:
             return None
         B, q = embeds.shape[:2]
@@ -138,30 +246,31 @@ class Dropper:
         if state.step == 0 and q == state.spans.length:                      # prefill
             mask = kwargs.get("attention_mask")
             self._mask_2d = torch.ones(B, q, dtype=torch.long, device=embeds.device) if mask is None else mask
-            if self.from_layer != 0 or self.decide is None:
-                return None                       # K > 0: the plan comes from layer K-1; layers < K run as usual
-            self.set_keep(self.decide(state, embeds))
-            if self.plan is None:
+            if 0 not in self.candidates or not state.spans.has_images():
+                return None
+            decision = self.decide(0, embeds)
+            if decision is None:
                 return None
             positions = kwargs.get("position_ids")
             if positions is None:
                 past = cache.get_seq_length() if cache is not None else 0
                 positions = (torch.arange(q, device=embeds.device) + past).expand(B, q)
-            kwargs["inputs_embeds"] = self.plan.gather(embeds, 1)
+            kwargs["inputs_embeds"] = self._apply(decision, 0, embeds)
             kwargs["position_ids"] = self.plan.gather(positions, -1)
             kwargs["attention_mask"] = self.plan.compress_mask(self._mask_2d)
             if self.compact:
                 kwargs["position_ids"] = self._compact(kwargs["position_ids"], kwargs["attention_mask"])
             return args, kwargs
-        if self.plan is None:
+        if not self.plans:
             return None
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
-            generated = cache.get_seq_length(self.plan.from_layer) + q - self.plan.index.shape[1]
+            first = self.plans[0]
+            generated = cache.get_seq_length(first.from_layer) + q - first.index.shape[1]
             mask = torch.cat([self._mask_2d, self._mask_2d.new_ones(B, generated)], dim=1)
-        self._decode_mask_2d = self.plan.compress_mask(mask)
-        if self.plan.from_layer == 0:
-            kwargs["attention_mask"] = self._decode_mask_2d
+        self._decode_masks = {p.from_layer: p.compress_mask(mask) for p in self.plans}
+        if self.plans[0].from_layer == 0:
+            kwargs["attention_mask"] = self._decode_masks[0]
         if not self._caller_positions:
             kwargs["position_ids"] = self._uncompressed_positions(kwargs.get("position_ids"), embeds, cache)
         if self.compact:
@@ -179,46 +288,54 @@ class Dropper:
 
     def _uncompressed_positions(self, position_ids, embeds, cache):
         """The model derived decode positions from the (shorter) cache: shift them back to the prompt's."""
-        cache_prompt = self.plan.index.shape[1] if self.plan.from_layer == 0 else self.plan.prompt_len
-        shift = self.plan.prompt_len - cache_prompt
+        first = self.plans[0]
+        cache_prompt = first.index.shape[1] if first.from_layer == 0 else first.prompt_len
+        shift = first.prompt_len - cache_prompt
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(embeds.shape[1], device=embeds.device) + past).expand(embeds.shape[0], -1)
         return position_ids + shift
 
-    def _gather_output(self, layer_idx, module, args, output):
-        if self.plan is None or self.ctx.state.step != 0 or self.plan.from_layer != layer_idx + 1:
+    def _after_layer(self, layer, module, args, output):
+        state = self.ctx.state
+        if state.step != 0 or state.spans is None or not state.spans.has_images():
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] != self.plan.prompt_len:
+        current = self.plan.index.shape[1] if self.plan is not None else state.spans.length
+        if hidden.shape[1] != current or (self.plan is not None and self.plan.from_layer >= layer):
             return None
-        kept = self.plan.gather(hidden, 1)
+        decision = self.decide(layer, hidden)
+        if decision is None:
+            return None
+        kept = self._apply(decision, layer, hidden)
         return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
     def _layer_pre(self, layer_idx, module, args, kwargs):
-        if self.plan is None or layer_idx < self.plan.from_layer:
-            return None
+        plan = self.ctx.state.plan_at(layer_idx)
+        if plan is None or plan.from_layer == 0:
+            return None     # the language model's own kwargs already describe a layer-0 plan
         hidden = args[0] if args else kwargs["hidden_states"]
-        prefill = self.ctx.state.step == 0 and hidden.shape[1] == self.plan.index.shape[1]
-        if self._layer_kwargs is None or self._layer_kwargs["q_len"] != hidden.shape[1]:
-            self._layer_kwargs = self._kwargs_for_kept(hidden, kwargs, prefill)
-        kwargs.update({k: v for k, v in self._layer_kwargs.items() if k != "q_len"})
+        prefill = self.ctx.state.step == 0 and hidden.shape[1] == plan.index.shape[1]
+        cached = self._layer_kwargs.get(plan.from_layer)
+        if cached is None or cached["q_len"] != hidden.shape[1]:
+            cached = self._layer_kwargs[plan.from_layer] = self._kwargs_for(plan, hidden, kwargs, prefill)
+        kwargs.update({k: v for k, v in cached.items() if k != "q_len"})
         return args, kwargs
 
-    def _kwargs_for_kept(self, hidden, kwargs, prefill: bool) -> dict:
-        plan = self.plan
+    def _kwargs_for(self, plan: KeepPlan, hidden, kwargs, prefill: bool) -> dict:
         out: dict = {"q_len": hidden.shape[1]}
         cache = kwargs.get("past_key_values")
         if prefill:
+            index = self._input_index(plan)
             cos, sin = kwargs["position_embeddings"]
-            out["position_embeddings"] = (plan.gather(cos, 1), plan.gather(sin, 1))
+            out["position_embeddings"] = (gather_along(cos, 1, index), gather_along(sin, 1, index))
             if kwargs.get("position_ids") is not None:
-                out["position_ids"] = plan.gather(kwargs["position_ids"], -1)
+                out["position_ids"] = gather_along(kwargs["position_ids"], -1, index)
             mask_2d = plan.compress_mask(self._mask_2d)
         else:
-            mask_2d = self._decode_mask_2d
+            mask_2d = self._decode_masks[plan.from_layer]
         out["attention_mask"] = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                                   past_key_values=cache, layer_idx=self.plan.from_layer)
+                                                   past_key_values=cache, layer_idx=plan.from_layer)
         return out
 
     def _lm_post(self, module, args, output):
@@ -235,13 +352,18 @@ class Dropper:
         return output
 
     def stats(self) -> dict:
-        if self.plan is None:
-            spans = self.ctx.state.spans
+        spans = self.ctx.state.spans
+        if not self.plans:
             if spans is None or not spans.has_images():
                 return {"note": "no image in the input: nothing dropped"}
             return {"note": "nothing dropped", "visual_tokens": spans.counts(), "visual_tokens_kept": spans.counts()}
-        spans = self.ctx.state.spans
-        kept = [[int(p) for p in self.plan.index[b][self.plan.slot_valid[b]] if spans.visual[b, p]]
+        last = self.plan
+        kept = [[int(p) for p in last.index[b][last.slot_valid[b]] if spans.visual[b, p]]
                 for b in range(spans.batch_size)]
-        return {"from_layer": self.plan.from_layer, "visual_tokens": self.plan.visual_before,
-                "visual_tokens_kept": self.plan.visual_after, "kept_positions": kept}
+        out = {"from_layer": last.from_layer, "visual_tokens": spans.counts(),
+               "visual_tokens_kept": last.visual_after, "kept_positions": kept}
+        if len(self.plans) > 1:
+            out["stages"] = [{"from_layer": p.from_layer, "visual_tokens_kept": p.visual_after} for p in self.plans]
+        if any(any(p.merged) for p in self.plans):
+            out["merged_tokens"] = [sum(p.merged[b] for p in self.plans) for b in range(spans.batch_size)]
+        return out

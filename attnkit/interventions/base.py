@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from attnkit.api import WrapContext
     from attnkit.hooks.attention import AttentionCall
+    from attnkit.hooks.handle import WrapContext
 
 REGISTRY: dict[str, type[Intervention]] = {}
 

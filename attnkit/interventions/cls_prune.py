@@ -3,56 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 
-from attnkit.hooks.drop import Dropper
-from attnkit.interventions.base import Intervention, param, register
+from attnkit.interventions.base import param, register
+from attnkit.interventions.pruning import ImageView, Pruner, count, topk_in_groups
 
 SCORES = ("auto", "cls", "received", "norm", "random", "uniform")
 
 
-def keep_count(keep: int | float, n: int, what: str) -> int:
-    """Tokens to keep out of ``n``: ``keep`` is a count, or a ratio in (0, 1] (rounded, at least 1)."""
-    if isinstance(keep, float):
-        return max(1, round(n * keep))
-    if keep > n:
-        raise ValueError(f"keep={keep} exceeds the {n} visual tokens of {what}; use keep <= {n} or a ratio in (0, 1]")
-    return keep
-
-
-def check_keep(name: str, keep: int | float) -> None:
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name}: keep={keep} is out of range; allowed: a count >= 1 or a ratio in (0, 1]")
-
-
-def _select(scores: torch.Tensor | None, groups: torch.Tensor, keep: int | float, what: str) -> torch.Tensor:
-    """Indices kept: tokens of group -1 always; the budget over the others, shared between groups in proportion
-    to their size, each group's share taken by top score (or evenly spaced when ``scores`` is None)."""
-    free = groups >= 0
-    n = int(free.sum())
-    k = keep_count(keep, n, what)
-    chosen = [(~free).nonzero().squeeze(1)]
-    ids = [int(g) for g in groups[free].unique()]
-    given = 0
-    for j, g in enumerate(ids):
-        members = (groups == g).nonzero().squeeze(1)
-        k_g = k - given if j == len(ids) - 1 else round(k * len(members) / n)
-        given += k_g
-        if k_g <= 0:
-            continue
-        if scores is None:
-            pick = torch.linspace(0, len(members) - 1, k_g).round().long()
-        else:
-            pick = torch.topk(scores[members], k_g).indices
-        chosen.append(members[pick])
-    return torch.cat(chosen).sort().values
-
-
 @register
 @dataclasses.dataclass
-class ClsPrune(Intervention):
+class ClsPrune(Pruner):
     """[CLS]-attention visual token pruning (FasterVLM, "[CLS] Attention is All You Need for Training-Free
     Visual Token Pruning", arXiv 2412.01818).
 
@@ -66,10 +28,11 @@ class ClsPrune(Intervention):
     - ``keep`` (paper: visual_token_num, e.g. 144 = 75 % reduction of 576): a count per image, or a
       ratio in (0, 1] of each image's tokens. Default 0.25.
     - LLaVA-NeXT (AnyRes): each crop is scored by its own [CLS] row and the scores are packed like the
-      features (base crop, unpadded grid, one newline per grid row). The budget counts the image's
-      patch tokens; base crop and grid share it in proportion to their token counts (FasterVLM keeps
-      the same k in each of its 5 fixed crops, which is the same rule for equal crops); newline tokens
-      are always kept, as in FasterVLM's spatial_unpad branch, and not counted.
+      features (base crop, unpadded grid, one newline per grid row; newlines are always kept and not
+      counted). ``budget="shared"`` splits ``keep`` between the base crop and the grid in proportion to
+      their token counts (the grid's share by top score over all its crops, so crops may get unequal
+      shares); ``budget="per_crop"`` keeps the same k = keep / crops in every crop, as FasterVLM's code
+      does (it prunes each crop before packing; an unpadded crop smaller than k keeps all its tokens).
     - ``score``: ``auto`` = the family's default: ``cls`` for CLIP towers; Qwen-VL has no [CLS], so
       ``received`` = mean attention each patch receives in the last full-attention vision block, pooled
       over the 2x2 merge unit (the author's recommendation). Ablations: ``received`` on CLIP too,
@@ -81,61 +44,40 @@ class ClsPrune(Intervention):
     keep: int | float = param(0.25, low=0, low_open=True, doc="tokens kept per image: count, or ratio in (0, 1]")
     score: str = param("auto", choices=SCORES, doc="token score")
     positions: str = param("original", choices=("original", "compact"), doc="RoPE positions of kept tokens")
+    budget: str = param("shared", choices=("shared", "per_crop"), doc="LLaVA-NeXT: budget over crops")
     seed: int = param(0, low=0, doc="seed of score=random")
+    budget_fields = ("keep",)
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_keep(self.name, self.keep)
-        self._pending: list[torch.Tensor] | None = None
-        self._dropper: Dropper | None = None
-        self._kind = self.score
+    @property
+    def vision(self) -> frozenset[str]:
+        return frozenset({"score"}) if self.score in ("auto", "cls", "received") else frozenset()
 
-    def attach(self, ctx) -> None:
-        adapter = ctx.adapter
-        self._kind = adapter.vision_scores[0] if self.score == "auto" else self.score
-        if self._kind in ("cls", "received"):
-            adapter.install_vision_scores(ctx.installed, self._kind, self._on_scores)
-        elif adapter.family == "llava_next":  # the packed layout (base / grid / newlines) comes with the scores
-            adapter.install_vision_scores(ctx.installed, "cls", self._on_scores)
-        if self.positions == "compact" and adapter.family.startswith("qwen"):
+    def score_kind(self, adapter) -> str:
+        return adapter.vision_scores[0] if self.score in ("auto", "norm", "random", "uniform") else self.score
+
+    def check(self, ctx) -> None:
+        if self.positions == "compact" and ctx.adapter.family.startswith("qwen"):
             raise ValueError("cls-prune: positions='compact' reproduces FasterVLM's LLaVA code (1-D positions); "
-                             f"{adapter.family} uses 3-D mrope positions: use positions='original'")
-        self._dropper = Dropper(ctx, 0, decide=self._decide, compact_positions=self.positions == "compact")
+                             f"{ctx.adapter.family} uses 3-D mrope positions: use positions='original'")
+        self._gen = None
 
-    def conflicts_with(self, other: Intervention) -> str | None:
-        if other.name in ("fastv", "vte"):
-            return "both drop visual tokens from the LLM; use one of them"
-        return None
+    def positions_compact(self) -> bool:
+        return self.positions == "compact"
 
-    def _on_scores(self, scores: list[torch.Tensor], groups: list[torch.Tensor] | None) -> None:
-        self._pending = (scores, groups)
+    def select(self, view: ImageView) -> torch.Tensor:
+        if view.image == 0 or self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        k = count(self.keep, view.n, "keep", f"image {view.image} of the batch (sample {view.sample})")
+        if self.score == "random":
+            s = torch.rand(view.n, generator=self._gen)
+        elif self.score == "norm":
+            s = view.embeds.float().norm(dim=-1).cpu()
+        elif self.score == "uniform":
+            s = None
+        else:
+            s = view.score
+        return topk_in_groups(s, view.group, k, self.budget)
 
-    def _decide(self, state, embeds: torch.Tensor) -> torch.Tensor | None:
-        spans = state.spans
-        pending, self._pending = self._pending, None
-        if not spans.has_images():
-            return None
-        keep = torch.zeros_like(spans.visual)
-        images = [(b, pos) for b in range(spans.batch_size) for pos in spans.images(b)]
-        if pending is not None and len(pending[0]) != len(images):
-            raise RuntimeError(f"cls-prune: got vision scores for {len(pending[0])} images but the prompt holds "
-                               f"{len(images)}")
-        gen = torch.Generator().manual_seed(self.seed)
-        grouped = pending is not None and pending[1] is not None
-        for i, (b, pos) in enumerate(images):
-            n = len(pos)
-            groups = pending[1][i] if grouped else torch.zeros(n, dtype=torch.long)
-            if self._kind == "random":
-                s = torch.rand(n, generator=gen)
-            elif self._kind == "norm":
-                s = embeds[b, pos.to(embeds.device)].float().norm(dim=-1).cpu()
-            elif self._kind == "uniform":
-                s = None
-            else:
-                s = pending[0][i].float().cpu()
-            chosen = _select(s, groups, self.keep, f"image {i} of sample {b}")
-            keep[b, pos[chosen.to(pos.device)]] = True
-        return keep
-
-    def stats(self) -> dict[str, Any]:
-        return {"score": self._kind, **(self._dropper.stats() if self._dropper else {})}
+    def extra_stats(self) -> dict:
+        kind = self.score if self.score != "auto" else (self._ctx.adapter.vision_scores[0] if self._ctx else "auto")
+        return {"score": kind}

@@ -118,8 +118,9 @@ class MMA(Intervention):
         img, txt = self._img, self._txt
         if img is None or kwargs.get("q_length", 1) <= 1:
             return kwargs
-        plan = getattr(self._state, "keep_plan", None)
-        if plan is not None and kwargs.get("kv_length") == plan.index.shape[1] != img.shape[1]:
+        plans = [p for p in self._state.keep_plans if kwargs.get("kv_length") == p.index.shape[1] != img.shape[1]]
+        plan = plans[-1] if plans else None
+        if plan is not None:
             # layers after a token dropper (published as ``state.keep_plan``) see only the kept positions
             index, slot = plan.index.to(img.device), plan.slot_valid.to(img.device)
             img, txt = img.gather(1, index) & slot, txt.gather(1, index) & slot

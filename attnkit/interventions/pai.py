@@ -40,8 +40,8 @@ def prompt_layout(state, layer_idx: int, device: torch.device) -> PromptLayout |
     if spans is None:
         return None
     visual, valid, text = spans.visual, spans.valid, spans.text_after_image()
-    plan = getattr(state, "keep_plan", None)
-    if plan is not None and layer_idx >= plan.from_layer:
+    plan = state.plan_at(layer_idx)
+    if plan is not None:
         index, slot = plan.index.to(visual.device), plan.slot_valid.to(visual.device)
         visual, valid, text = (m.gather(1, index) & slot for m in (visual, valid, text))
     return PromptLayout(visual.to(device), valid.to(device), text.to(device))
@@ -88,7 +88,7 @@ class PAI(Intervention):
         self._calls, self._layouts = 0, {}
 
     def on_attention(self, call) -> None:
-        key = (call.layer_idx, id(call.state.spans), id(getattr(call.state, "keep_plan", None)))
+        key = (call.layer_idx, id(call.state.spans), id(call.state.plan_at(call.layer_idx)))
         if key not in self._layouts:  # once per request and layer: decode steps need no host synchronisation
             layout = prompt_layout(call.state, call.layer_idx, call.query.device)
             self._layouts[key] = layout if layout is not None and bool(layout.visual.any()) else None

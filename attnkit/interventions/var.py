@@ -171,7 +171,7 @@ class VAR(Intervention):
     def _prepared(self, call) -> tuple | None:
         """What this layer needs for the current request, computed once per request and layer (decode steps
         then cost no host synchronisation here), or None if the layer has nothing to move."""
-        key = (call.layer_idx, id(call.state.spans), id(getattr(call.state, "keep_plan", None)))
+        key = (call.layer_idx, id(call.state.spans), id(call.state.plan_at(call.layer_idx)))
         if key not in self._prep:
             sink = self._sinks.get(call.layer_idx)
             layout = prompt_layout(call.state, call.layer_idx, call.query.device)

@@ -14,8 +14,6 @@ import torch
 
 from attnkit.interventions.base import Intervention, param, register
 
-_DROPPING = {"cls-prune", "fastv", "vte"}  # interventions that remove tokens inside the LLM
-
 
 def default_layers(num_layers: int) -> list[int]:
     """The paper's {1} ∪ last 14 layers of 32, scaled: {1} ∪ the last round(14 · L / 32) layers."""
@@ -100,7 +98,7 @@ class VHR(Intervention):
         return layers
 
     def conflicts_with(self, other: Intervention) -> str | None:
-        if self.scores is None and (other.name in _DROPPING or hasattr(other, "_dropper")):
+        if self.scores is None and getattr(other, "drops_tokens", False):
             return (f"per-sample vhr runs an extra prefill with and without the image, which {other.name}'s token "
                     f"dropping does not follow; use precomputed heads (vhr:scores=heads.json, from VHR.calibrate)")
         return None
@@ -233,7 +231,7 @@ class VHR(Intervention):
         written as JSON to ``out_path`` for ``vhr:scores=out_path``; returns the written dict."""
         from PIL import Image
 
-        from attnkit.api import intervene
+        from attnkit.hooks.handle import installed as intervene
 
         vhr = cls(alpha=alpha, layers=layers)
         total: dict[int, torch.Tensor] = {}

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from attnkit.hooks.drop import Dropper
-from attnkit.interventions.base import Intervention, param, register
+from attnkit.hooks.drop import Decision
+from attnkit.interventions.base import param, register
+from attnkit.interventions.pruning import Pruner
 
 POLICIES = ("layer", "calibrated", "learned")
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
@@ -33,12 +34,16 @@ class Router(torch.nn.Module):
 
 
 def router_features(hidden: torch.Tensor, spans) -> torch.Tensor:
-    """[B, 2d]: mean of each sample's text states after its image (last prompt token excluded), and the last."""
-    text = spans.text_after_image().to(hidden.device).clone()
-    text[:, -1] = False
+    """[B, 2d]: mean of each sample's text states after its image (its last real prompt token excluded), and
+    that last token's state (each sample's own last real token: left or right padding alike)."""
+    valid = spans.valid.to(hidden.device)
+    positions = torch.arange(valid.shape[1], device=hidden.device).expand_as(valid)
+    last = torch.where(valid, positions, -1).max(1).values                                   # [B]
+    text = spans.text_after_image().to(hidden.device) & (positions != last[:, None])
     weights = text.float() / text.sum(1, keepdim=True).clamp(min=1)
     mean = torch.einsum("bl,bld->bd", weights, hidden.float())
-    return torch.cat([mean, hidden[:, -1].float()], dim=-1)
+    final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.clamp(min=0)]
+    return torch.cat([mean, final.float()], dim=-1)
 
 
 def choose_exit_layer(kl_per_layer: list[float], max_kl: float) -> int:
@@ -54,7 +59,7 @@ def choose_exit_layer(kl_per_layer: list[float], max_kl: float) -> int:
 
 @register
 @dataclasses.dataclass
-class VisualTokenExit(Intervention):
+class VisualTokenExit(Pruner):
     """Dynamic visual-token exit (DyVTE, "Accelerating Multimodal Large Language Models via Dynamic
     Visual-Token Exit and the Empirical Findings", arXiv 2411.19628).
 
@@ -93,13 +98,10 @@ class VisualTokenExit(Intervention):
             raise ValueError(f"vte: policy={self.policy!r} needs {needs}=...; {hint[needs]}")
         self._exits: list[int | None] = []
         self._routers: torch.nn.ModuleList | None = None
-        self._dropper: Dropper | None = None
-        self._ctx = None
 
     # --- installation ------------------------------------------------------------------------------
-    def attach(self, ctx) -> None:
+    def check(self, ctx) -> None:
         n = ctx.adapter.num_layers
-        self._ctx = ctx
         if self.policy == "calibrated":
             data = json.loads(Path(self.calibration).read_text())
             if data.get("num_layers") != n:
@@ -114,51 +116,40 @@ class VisualTokenExit(Intervention):
         else:
             self._fixed = None
             self._routers = load_routers(self.router, ctx.adapter).eval()
-        layers = ctx.adapter.decoder_layers
-        for i in range(n - 1):  # decisions first: the dropper's hook on the same layer must see them
-            ctx.installed.forward_hook(layers[i], self._make_decision_hook(i))
-        if self._fixed is None or self._fixed < n - 1:
-            self._dropper = Dropper(ctx, None if self._fixed is None else self._fixed + 1)
+
+    def stages(self, num_layers: int) -> tuple[int, ...] | None:
+        if self._fixed is None:
+            return None                              # the routers decide after any layer
+        return (self._fixed + 1,) if self._fixed < num_layers - 1 else ()
 
     def attention_layers(self, ctx) -> list[int]:
         # per-sample exits mask the early exiters' visual keys until the batch's common removal
         return list(range(1, ctx.adapter.num_layers)) if self.policy == "learned" else []
 
-    def conflicts_with(self, other: Intervention) -> str | None:
-        if other.name in ("cls-prune", "fastv"):
-            return "both drop visual tokens from the LLM; use one of them"
-        return None
-
     def reset(self) -> None:
+        super().reset()
         self._exits = []
 
     # --- decisions ---------------------------------------------------------------------------------
-    def _make_decision_hook(self, layer_idx: int):
-        def hook(module, args, output):
-            state, n = self._ctx.state, self._ctx.adapter.num_layers
-            spans = state.spans
-            hidden = output[0] if isinstance(output, tuple) else output
-            if state.step != 0 or spans is None or not spans.has_images() or hidden.shape[1] != spans.length:
-                return None
-            if not self._exits:
-                self._exits = [None] * spans.batch_size
-            with_image = spans.visual.any(1).tolist()
-            if self._fixed is not None:
-                says_exit = [layer_idx == self._fixed] * spans.batch_size
-            else:
-                with torch.no_grad():
-                    feats = router_features(hidden, spans).to(self._router_dtype())
-                    logits = self._routers[layer_idx](feats)
-                says_exit = (logits[:, 1] > logits[:, 0]).tolist()
-            for b in range(spans.batch_size):
-                if says_exit[b] and with_image[b] and self._exits[b] is None:
-                    self._exits[b] = layer_idx
-            everyone_out = all(e is not None for e, img in zip(self._exits, with_image) if img)
-            if everyone_out and self._dropper is not None and self._dropper.plan is None and layer_idx < n - 1:
-                self._dropper.set_keep(torch.zeros_like(spans.visual), from_layer=layer_idx + 1)
-            return None
-
-        return hook
+    def decide(self, layer: int, hidden: torch.Tensor) -> Decision | None:
+        """Asked by the dropper with the output of layer ``layer - 1``: exit there (all visual tokens leave)?"""
+        spans = self._ctx.state.spans
+        if not self._exits:
+            self._exits = [None] * spans.batch_size
+        with_image = spans.visual.any(1).tolist()
+        if self._fixed is not None:
+            says_exit = [layer - 1 == self._fixed] * spans.batch_size
+        else:
+            with torch.no_grad():
+                feats = router_features(hidden, spans).to(self._router_dtype())
+                logits = self._routers[layer - 1](feats)
+            says_exit = (logits[:, 1] > logits[:, 0]).tolist()
+        for b in range(spans.batch_size):
+            if says_exit[b] and with_image[b] and self._exits[b] is None:
+                self._exits[b] = layer - 1
+        if all(e is not None for e, img in zip(self._exits, with_image) if img):
+            return Decision(torch.zeros_like(spans.visual))
+        return None
 
     def _router_dtype(self) -> torch.dtype:
         return next(self._routers.parameters()).dtype
@@ -167,8 +158,7 @@ class VisualTokenExit(Intervention):
         spans = call.state.spans
         if spans is None or not self._exits or not any(e is not None for e in self._exits):
             return
-        plan = self._dropper.plan if self._dropper is not None else None
-        if plan is not None and call.layer_idx >= plan.from_layer:
+        if call.state.plan_at(call.layer_idx) is not None:
             return
         masked = [b for b, e in enumerate(self._exits) if e is not None and e < call.layer_idx]
         if not masked:

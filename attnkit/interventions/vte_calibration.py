@@ -31,10 +31,10 @@ def _prepared(model, processor, samples) -> list[dict]:
 
 
 def _exited(model, layer: int):
-    import attnkit
+    from attnkit.hooks.handle import installed
     from attnkit.interventions.vte import VisualTokenExit
 
-    return attnkit.intervene(model, VisualTokenExit(policy="layer", exit_layer=layer))
+    return installed(model, VisualTokenExit(policy="layer", exit_layer=layer))
 
 
 def calibrate_exit_layer(model, processor, samples: Sequence, out_path: Path, max_kl: float = 0.05) -> dict:

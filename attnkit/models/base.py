@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from attnkit.hooks.spans import VisualSpans
+from attnkit.models.spans import VisualSpans
 
 
 class ModelAdapter:
@@ -79,16 +79,49 @@ class ModelAdapter:
         i = self._arg_index.get(name)
         return args[i] if i is not None and i < len(args) else None
 
-    # --- vision scores ----------------------------------------------------------------------------
-    vision_scores: tuple[str, ...] = ()   # what install_vision_scores can capture; the first is the default
+    # --- vision capture -------------------------------------------------------------------------
+    vision_scores: tuple[str, ...] = ()   # the scores install_vision_capture can deliver; the first is the default
+    fixed_visual_tokens: int | None = None  # visual tokens of every image, where the family fixes them (else None)
+    supports_token_dropping: bool = True
 
-    def install_vision_scores(self, installed, kind: str, sink) -> None:
-        """Hook the vision tower so that each forward calls ``sink(scores, groups)``: ``scores`` has one 1-D
-        tensor per image with one score per visual token the LLM receives for it, in the LLM's order
-        (+inf: a token that must stay, e.g. LLaVA-NeXT's row newlines); ``groups`` is None, or per image
-        the group of each token (budgets are shared between groups in proportion to their size; -1 =
-        always kept). ``kind`` is one of :attr:`vision_scores`."""
-        raise NotImplementedError
+    def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
+        """Hook the vision tower so that each forward calls ``sink(images)``: one dict per image (batch order)
+        holding, per visual token the LLM receives for that image and in the LLM's token order:
+
+        - ``"cls"`` / ``"received"`` [n]: the [CLS]→patch attention, or the mean attention each token receives,
+          at the layer whose output feeds the LLM (head mean; pooled over a merge unit where tokens merge);
+        - ``"keys"`` [n, d]: that layer's keys (head mean, pooled likewise);
+        - ``"features"`` [n, ...]: the rows the projector maps to the LLM tokens (:meth:`project` takes them);
+        - ``"group"`` [n] (always): the crop/tile each token comes from (0 = the base image), -1 for tokens
+          that are layout, not content (LLaVA-NeXT's row newlines: every pruner keeps them).
+
+        ``wants`` is a subset of ``{"cls", "received", "keys", "features"}`` (scores: see :attr:`vision_scores`).
+        """
+        raise NotImplementedError(f"{self.family}: no vision capture")
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector applied to captured ``"features"`` rows (e.g. merged ones): LLM input embeddings [m, D]."""
+        raise NotImplementedError(f"{self.family}: no projector access")
+
+    def check_vision_wants(self, wants: frozenset[str]) -> None:
+        known = {"cls", "received", "keys", "features"}
+        bad = sorted(set(wants) - known)
+        if bad:
+            raise ValueError(f"unknown vision quantity {bad[0]!r}; one of {sorted(known)}")
+        scores = [w for w in wants if w in ("cls", "received")]
+        for w in scores:
+            if w not in self.vision_scores:
+                raise ValueError(f"score={w!r} is not available for {self.family}; use one of {self.vision_scores}")
+
+    # --- language model ---------------------------------------------------------------------------
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The LLM's final norm (applied to the last layer's output before the LM head)."""
+        return self.language_model.norm
+
+    def attention_input(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What decoder layer ``layer_idx``'s attention receives for residual stream ``hidden`` (its input norm)."""
+        return self.decoder_layers[layer_idx].input_layernorm(hidden)
 
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_token_counts: list[int] | None = None) -> VisualSpans:

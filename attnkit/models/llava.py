@@ -30,80 +30,119 @@ class LlavaAdapter(ModelAdapter):
 
     vision_scores = ("cls", "received")
 
-    def install_vision_scores(self, installed, kind: str, sink) -> None:
-        """[CLS]→patch attention (``cls``) or mean attention each patch receives (``received``) in the encoder
-        layer whose output the LLM is fed (``vision_feature_layer``), averaged over heads.
+    @property
+    def fixed_visual_tokens(self) -> int | None:
+        return self.patches_per_crop if self.family == "llava" else None
 
-        FasterVLM: ``attentions[select_layer][:, :, 0, 1:].mean(1)`` with ``select_layer = -2``; here the
-        query/key projections of that layer are captured with forward hooks, so sdpa/flash stay on.
-        """
-        if kind not in self.vision_scores:
-            raise ValueError(f"score={kind!r} is not available for {self.family}; use one of {self.vision_scores}")
+    def _feature_layer(self) -> torch.nn.Module:
         if not isinstance(self.model.config.vision_feature_layer, int):
-            raise NotImplementedError("vision scores need a single vision_feature_layer")
+            raise NotImplementedError("vision capture needs a single vision_feature_layer")
         tower = self.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
         f = self.model.config.vision_feature_layer
-        attn = layers[(f % (len(layers) + 1)) - 1].self_attn
-        captured = {}
+        return layers[(f % (len(layers) + 1)) - 1]
 
-        def keep_q(module, args, out):
-            captured["q"] = out[:, :1] if kind == "cls" else out
+    def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
+        """At the encoder layer whose output the LLM is fed (``vision_feature_layer``): [CLS]→patch attention
+        (``cls``) or mean attention each patch receives (``received``), averaged over heads; the layer's keys
+        (head mean); its output rows (``features``, what the projector maps). [CLS] itself is dropped as the
+        model drops it (``vision_feature_select_strategy="default"``).
 
-        def keep_k(module, args, out):
-            captured["k"] = out
+        FasterVLM: ``attentions[select_layer][:, :, 0, 1:].mean(1)`` with ``select_layer = -2``; here the
+        query/key projections of that layer are captured with forward hooks, so sdpa/flash stay on.
+        LLaVA-NeXT: every crop is captured alike and the per-crop rows are packed like the features.
+        """
+        self.check_vision_wants(wants)
+        layer = self._feature_layer()
+        attn = layer.self_attn
+        drop_cls = int(self.model.config.vision_feature_select_strategy == "default")
+        captured: dict = {}
 
-        def score(module, args, out):
-            q, k = captured.pop("q"), captured.pop("k")
-            n, heads = k.shape[0], attn.num_heads
-            q = q.view(n, q.shape[1], heads, -1).transpose(1, 2)
-            k = k.view(n, k.shape[1], heads, -1).transpose(1, 2)
-            s = mean_received_attention(q, k, attn.scale).mean(1)            # [n, 1 + patches]
-            if self.model.config.vision_feature_select_strategy == "default":
-                s = s[:, 1:]
+        def keep(name):
+            def hook(module, args, out):
+                captured[name] = out[0] if isinstance(out, tuple) else out
+            return hook
+
+        if wants & {"cls", "received", "keys"}:
+            installed.forward_hook(attn.k_proj, keep("k"))
+        if wants & {"cls", "received"}:
+            installed.forward_hook(attn.q_proj, keep("q"))
+
+        def on_layer(module, args, out):
+            n_img, heads = (out[0] if isinstance(out, tuple) else out).shape[0], attn.num_heads
+            crops: dict[str, torch.Tensor] = {}
+            if "k" in captured:
+                k = captured.pop("k")
+                k = k.view(n_img, k.shape[1], heads, -1).transpose(1, 2)                     # [n, H, T, d]
+                if "keys" in wants:
+                    crops["keys"] = k.float().mean(1)[:, drop_cls:]
+                if "q" in captured:
+                    q = captured.pop("q")
+                    q = q.view(n_img, q.shape[1], heads, -1).transpose(1, 2)
+                    kind = "cls" if "cls" in wants else "received"
+                    q = q[:, :, :1] if kind == "cls" else q
+                    crops[kind] = mean_received_attention(q, k, attn.scale).mean(1)[:, drop_cls:]
+            if "features" in wants:
+                crops["features"] = (out[0] if isinstance(out, tuple) else out)[:, drop_cls:]
             if self.family == "llava":
-                sink(list(s), None)
+                images = [{name: t[i] for name, t in crops.items()} for i in range(n_img)]
+                for im in images:
+                    im["group"] = torch.zeros(self.patches_per_crop, dtype=torch.long)
+                sink(images)
             else:
-                captured["crops"] = s
+                captured["crops"] = crops
+                captured["crop_shape"] = (n_img, (out[0] if isinstance(out, tuple) else out).shape[1] - drop_cls)
 
-        installed.forward_hook(attn.q_proj, keep_q)
-        installed.forward_hook(attn.k_proj, keep_k)
-        installed.forward_hook(attn, score)
+        installed.forward_hook(layer, on_layer)
         if self.family == "llava_next":
             self._install_next_packing(installed, captured, sink)
 
-    def _install_next_packing(self, installed, captured, sink) -> None:
-        """Map per-crop scores onto LLaVA-NeXT's packed tokens (base crop, unpadded grid, row newlines).
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        weight = next(self.projector.parameters())
+        return self.projector(features.to(weight.device, weight.dtype))
 
-        The scores ride through the model's own ``pack_image_features`` as a 1-dim feature, with +inf as
-        the newline embedding, so they land exactly where the features land. ``sink`` gets, per image,
-        the packed scores (+inf = newline token) and groups (0 = base crop, 1 = grid, -1 = newline).
-        ``image_sizes`` only reaches ``get_image_features``, so that method is wrapped on this instance
-        (restored on removal).
+    def _install_next_packing(self, installed, captured, sink) -> None:
+        """Map per-crop rows onto LLaVA-NeXT's packed tokens (base crop, unpadded grid, row newlines).
+
+        All captured quantities (and the crop index of each row) ride as channels through the model's own
+        ``pack_image_features``, with a newline row whose crop channel is -1, so they land exactly where the
+        features land. ``image_sizes`` only reaches ``get_image_features``, so that method is wrapped on
+        this instance (restored on removal).
         """
         inner = self.model.model
         original = inner.get_image_features
-        per_crop = self.patches_per_crop
 
         @functools.wraps(original)
         def get_image_features(pixel_values, image_sizes, *args, **kwargs):
             out = original(pixel_values, image_sizes, *args, **kwargs)
             crops = captured.pop("crops")
+            names = sorted(crops)
+            n_crops, per_crop = captured.pop("crop_shape")
+            device = pixel_values.device
+            columns = [torch.arange(n_crops, device=device, dtype=torch.float32)[:, None, None].expand(-1, per_crop, 1)]
+            widths = [1]
+            for name in names:
+                t = crops[name].float()
+                t = t[..., None] if t.dim() == 2 else t
+                columns.append(t.to(device))
+                widths.append(t.shape[-1])
+            stacked = torch.cat(columns, dim=-1)
+            newline = torch.zeros(stacked.shape[-1], device=device)
+            newline[0] = -1.0
             counts = _crops_per_image(self.model.config, image_sizes)
-            per_image = torch.split(crops[..., None].float(), counts)
-            newline = torch.tensor([float("inf")], device=crops.device)
             strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-            packed, lens = inner.pack_image_features(list(per_image), image_sizes, strategy, image_newline=newline)
+            packed, lens = inner.pack_image_features(list(torch.split(stacked, counts)), image_sizes, strategy,
+                                                     image_newline=newline)
             if isinstance(packed, torch.Tensor):
                 packed = torch.split(packed, [int(n) for n in lens])
-            scores = [f[:, 0] for f in packed]
-            groups = []
-            for sc in scores:
-                g = torch.ones(len(sc), dtype=torch.long)
-                g[:per_crop] = 0
-                g[torch.isinf(sc).cpu()] = -1
-                groups.append(g)
-            sink(scores, groups)
+            images = []
+            for rows in packed:
+                parts = torch.split(rows, widths, dim=-1)
+                image = {"group": parts[0][:, 0].round().long().cpu()}
+                for name, part in zip(names, parts[1:]):
+                    image[name] = part[:, 0] if name in ("cls", "received") else part
+                images.append(image)
+            sink(images)
             return out
 
         installed.set_attr(inner, "get_image_features", get_image_features)

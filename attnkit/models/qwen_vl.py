@@ -39,21 +39,22 @@ class QwenVLAdapter(ModelAdapter):
 
     vision_scores = ("received",)
 
-    def install_vision_scores(self, installed, kind: str, sink) -> None:
-        """Mean attention each patch receives in the last full-attention vision block (over heads and all
-        query patches of its image), averaged over each 2x2 merge unit: one score per LLM visual token.
+    def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
+        """At the last full-attention vision block: the mean attention each patch receives (over heads and
+        all query patches of its image, ``received``) and its keys before the rotary embedding (head mean,
+        ``keys``), both averaged over each 2x2 merge unit; ``features`` = the merger's input rows of each
+        merged token ([n, 4, D], what :meth:`project` maps). One row per LLM visual token, in the LLM's order.
 
-        Qwen's ViT has no [CLS]; this is the substitute the FasterVLM/VisPruner author recommends
+        Qwen's ViT has no [CLS]; ``received`` is the substitute the FasterVLM/VisPruner author recommends
         (VisPruner issue #1). Qwen2.5-VL: its last full-attention block, un-permuted from window order.
         """
-        if kind not in self.vision_scores:
-            raise ValueError(f"score={kind!r} is not available for {self.family}; use one of {self.vision_scores}")
+        self.check_vision_wants(wants)
         visual = self.vision_tower
         full = getattr(visual, "fullatt_block_indexes", None)
         block = visual.blocks[max(full) if full else len(visual.blocks) - 1]
         attn, unit = block.attn, self.merge_size**2
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        captured = {}
+        captured: dict = {}
 
         def keep_grid(module, args, kwargs):
             captured["grid"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -65,25 +66,45 @@ class QwenVLAdapter(ModelAdapter):
         def keep_qkv(module, args, out):
             captured["qkv"] = out
 
-        def score(module, args, out):
-            qkv, cu = captured.pop("qkv"), captured.pop("cu")
+        def on_block(module, args, out):
+            qkv, cu, pos = captured.pop("qkv"), captured.pop("cu"), captured.pop("pos")
             n = qkv.shape[0]
             q, k, _ = qkv.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = rotary(q, k, *captured.pop("pos"))
-            q, k = q.transpose(0, 1), k.transpose(0, 1)                        # [H, n, d]
-            received = [mean_received_attention(q[:, a:b], k[:, a:b], attn.scaling).mean(0)   # per image
-                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-            merged = torch.cat(received).view(-1, unit).mean(1)
+            if "keys" in wants:
+                captured["keys"] = k.float().mean(1).view(-1, unit, k.shape[-1]).mean(1)          # [n/unit, d]
+            if "received" in wants:
+                q, k = rotary(q, k, *pos)
+                q, k = q.transpose(0, 1), k.transpose(0, 1)                                    # [H, n, d]
+                received = [mean_received_attention(q[:, a:b], k[:, a:b], attn.scaling).mean(0)   # per image
+                            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+                captured["received"] = torch.cat(received).view(-1, unit).mean(1)
+
+        def on_merger(module, args):
+            x = args[0]
+            if "features" in wants:
+                captured["features"] = x.view(-1, unit, x.shape[-1])
             grid = captured.pop("grid")
+            rows = {name: captured.pop(name) for name in ("received", "keys", "features") if name in captured}
             if full is not None:  # Qwen2.5-VL: blocks run in window order; undo it like the merger's output
                 from transformers.vision_utils import get_vision_window_index
 
                 window_index, _ = get_vision_window_index(grid, self.merge_size, visual.window_size,
                                                           visual.patch_size)
-                merged = merged[torch.argsort(window_index.to(merged.device))]
-            sink(list(torch.split(merged, (grid.prod(-1) // unit).tolist())), None)
+                order = torch.argsort(window_index.to(x.device))
+                rows = {name: t[order.to(t.device)] for name, t in rows.items()}
+            counts = (grid.prod(-1) // unit).tolist()
+            split = {name: torch.split(t, counts) for name, t in rows.items()}
+            sink([{"group": torch.zeros(c, dtype=torch.long), **{name: split[name][i] for name in split}}
+                  for i, c in enumerate(counts)])
 
         installed.forward_pre_hook(visual, keep_grid, with_kwargs=True)
-        installed.forward_pre_hook(attn, keep_inputs, with_kwargs=True)
-        installed.forward_hook(attn.qkv, keep_qkv)
-        installed.forward_hook(attn, score)
+        if wants & {"received", "keys"}:
+            installed.forward_pre_hook(attn, keep_inputs, with_kwargs=True)
+            installed.forward_hook(attn.qkv, keep_qkv)
+            installed.forward_hook(attn, on_block)
+        installed.forward_pre_hook(self.projector, on_merger)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The patch merger on merged units: ``features`` [m, 4, D] -> [m, D_llm]."""
+        weight = next(self.projector.parameters())
+        return self.projector(features.reshape(-1, features.shape[-1]).to(weight.device, weight.dtype))
