@@ -271,3 +271,126 @@ def mask_keys(from_layer: int, dropped: list[list[int]]):
             call.edit_scores(hide)
 
     return MaskKeys()
+
+
+def original_positions(model, inputs) -> torch.Tensor:
+    """Positions the unmodified model uses in a plain forward: arange (1-D) or Qwen's 3-D rope index."""
+    ids = inputs["input_ids"]
+    if "image_grid_thw" not in inputs:
+        return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    embeds = model.get_input_embeddings()(ids)
+    return model.model.compute_3d_position_ids(input_ids=ids, inputs_embeds=embeds,
+                                               image_grid_thw=inputs["image_grid_thw"],
+                                               attention_mask=inputs["attention_mask"],
+                                               mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=None,
+                                               past_key_values=None)
+
+
+def image_feature_rows(model, inputs) -> list[torch.Tensor]:
+    """The LLM input rows of each sample's visual tokens ([n_b, D], prompt order), from the model's own
+    ``get_image_features``."""
+    ids = inputs["input_ids"]
+    feats_kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    if "pixel_values" in feats_kw and "image_grid_thw" not in feats_kw:
+        feats_kw.update(vision_feature_layer=model.config.vision_feature_layer,
+                        vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    with torch.no_grad():
+        feats = model.model.get_image_features(**feats_kw, return_dict=True)
+    return list(torch.cat(feats.pooler_output).split((ids == model.config.image_token_id).sum(1).tolist()))
+
+
+def reference_on_kept(model, inputs, kept_positions: list[list[int]], compact: bool = False,
+                      rows: list[dict[int, torch.Tensor]] | None = None, **forward_kw):
+    """The UNWRAPPED model fed only the kept visual tokens (public kwargs: fewer placeholders, the kept
+    feature rows, the ORIGINAL positions; ``compact``: positions 0..n-1, batch without padding).
+    ``rows[b]`` maps a kept position to the row fed there instead of its own feature row (merged tokens).
+    Returns the model output and the kept columns [B, Lk]."""
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    image_id = model.config.image_token_id
+    per_sample = image_feature_rows(model, inputs)
+    cols, feed = [], []
+    for b in range(ids.shape[0]):
+        visual = (ids[b] == image_id).nonzero().squeeze(1).tolist()
+        kept = kept_positions[b]
+        keep_col = torch.tensor([(t not in visual) or (t in kept) for t in range(ids.shape[1])])
+        cols.append(keep_col.nonzero().squeeze(1))
+        sample_rows = [per_sample[b][visual.index(t)] for t in kept]
+        if rows is not None and rows[b]:
+            sample_rows = [rows[b].get(t, r).to(r) for t, r in zip(kept, sample_rows)]
+        feed.append(torch.stack(sample_rows) if sample_rows else per_sample[b][:0])
+    cols = torch.stack(cols)
+    positions = original_positions(model, inputs)
+    pos = torch.gather(positions, -1, cols.expand(*positions.shape[:-1], -1)) if positions.dim() == 3 else \
+        torch.gather(positions, 1, cols)
+    if compact:
+        pos = torch.arange(cols.shape[1]).expand(cols.shape[0], -1)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    encoded = BaseModelOutputWithPooling(pooler_output=feed)
+    new = dict(input_ids=torch.gather(ids, 1, cols), attention_mask=torch.gather(am, 1, cols), position_ids=pos,
+               mm_encoder_outputs={"image": encoded})
+    with torch.no_grad():
+        return model(**new, **forward_kw), cols
+
+
+def replace_rows(layer: int, rows: list[dict[int, torch.Tensor]]):
+    """A reference intervention: the residual stream entering decoder layer ``layer`` holds ``rows[b][t]`` at
+    prompt position t of sample b (prefill; with :func:`mask_keys` for the dropped tokens this is what
+    merging at layer ``layer`` means, nothing removed)."""
+    import dataclasses
+
+    from attnkit.interventions.base import Intervention
+
+    @dataclasses.dataclass
+    class ReplaceRows(Intervention):
+        name = "reference-replace-rows"
+
+        def attach(self, ctx):
+            def pre(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if ctx.state.step != 0 or hidden.shape[1] != ctx.state.spans.length:
+                    return None
+                hidden = hidden.clone()
+                for b, sample_rows in enumerate(rows):
+                    for t, r in sample_rows.items():
+                        hidden[b, t] = r.to(hidden)
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                kwargs["hidden_states"] = hidden
+                return args, kwargs
+
+            ctx.installed.forward_pre_hook(ctx.adapter.decoder_layers[layer], pre, with_kwargs=True)
+
+    return ReplaceRows()
+
+
+def prefill_chunk_logits(model, inputs: dict, sequences: torch.Tensor, family: str) -> torch.Tensor:
+    """The reference for ``generate()`` under methods that fix their choice at prefill: one prefill forward with
+    a cache, then every generated token but the last as ONE cached chunk. Returns the logits that predicted
+    each generated token, [B, T, V] (``sequences`` = generate's output, prompt included)."""
+    prompt = inputs["input_ids"].shape[1]
+    new = sequences[:, prompt:]
+    kw = {} if family.startswith("qwen") else {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, **kw)
+        logits = [out.logits[:, -1:]]
+        if new.shape[1] > 1:
+            chunk = new[:, :-1]
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(chunk)], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -chunk.shape[1]:]
+            if family.startswith("qwen"):   # text positions continue after the image's 3-D ones (rope deltas)
+                positions = (positions + model.model.rope_deltas).expand(3, -1, -1)
+            logits.append(model(input_ids=chunk, attention_mask=mask, past_key_values=out.past_key_values,
+                                position_ids=positions, use_cache=True).logits)
+    return torch.cat(logits, 1)
+
+
+def padded_inputs(processor, batch: int, side: str, seed: int = 0, **kw):
+    """:func:`tiny_inputs` padded on ``side`` ("left" or "right")."""
+    tok = getattr(processor, "tokenizer", processor)
+    before = tok.padding_side
+    tok.padding_side = side
+    try:
+        return tiny_inputs(processor, batch=batch, seed=seed, **kw)
+    finally:
+        tok.padding_side = before

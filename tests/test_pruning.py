@@ -18,48 +18,9 @@ def _logits(model, inputs, **kw):
         return model(**inputs, **kw).logits
 
 
-def _original_positions(model, inputs):
-    """Positions the unmodified model uses in a plain forward: arange (LLaVA) or Qwen's 3-D rope index."""
-    ids = inputs["input_ids"]
-    if "image_grid_thw" not in inputs:
-        return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-    embeds = model.get_input_embeddings()(ids)
-    return model.model.compute_3d_position_ids(input_ids=ids, inputs_embeds=embeds,
-                                               image_grid_thw=inputs["image_grid_thw"],
-                                               attention_mask=inputs["attention_mask"],
-                                               mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=None,
-                                               past_key_values=None)
-
-
 def _reference_on_kept(model, inputs, kept_positions, compact=False):
-    """The UNWRAPPED model fed only the kept visual tokens (public kwargs: fewer placeholders, the kept
-    feature rows, original positions). Returns logits [B, Lk, V] and the kept columns [B, Lk]."""
-    ids, am = inputs["input_ids"], inputs["attention_mask"]
-    image_id = model.config.image_token_id
-    feats_kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
-    if "pixel_values" in feats_kw and "image_grid_thw" not in feats_kw:
-        feats_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
-    with torch.no_grad():
-        feats = model.model.get_image_features(**feats_kw, return_dict=True)
-    per_sample = torch.cat(feats.pooler_output).split((ids == image_id).sum(1).tolist())
-    cols, rows = [], []
-    for b in range(ids.shape[0]):
-        visual = (ids[b] == image_id).nonzero().squeeze(1).tolist()
-        kept = kept_positions[b]
-        keep_col = torch.tensor([(t not in visual) or (t in kept) for t in range(ids.shape[1])])
-        cols.append(keep_col.nonzero().squeeze(1))
-        rows.append(per_sample[b][torch.tensor([visual.index(t) for t in kept])])
-    cols = torch.stack(cols)
-    feats.pooler_output = rows
-    positions = _original_positions(model, inputs)
-    pos = torch.gather(positions, -1, cols.expand(*positions.shape[:-1], -1)) if positions.dim() == 3 else \
-        torch.gather(positions, 1, cols)
-    if compact:  # FasterVLM: the pruned sequence numbered 0..n-1 (batch without padding)
-        pos = torch.arange(cols.shape[1]).expand(cols.shape[0], -1)
-    new = dict(input_ids=torch.gather(ids, 1, cols), attention_mask=torch.gather(am, 1, cols), position_ids=pos,
-               mm_encoder_outputs={"image": feats})
-    with torch.no_grad():
-        return model(**new).logits, cols
+    out, cols = testing.reference_on_kept(model, inputs, kept_positions, compact=compact)
+    return out.logits, cols
 
 
 def _visual_and_newline_counts(model, inputs) -> tuple[int, int]:

@@ -56,3 +56,45 @@ def test_record_without_image_says_so(tiny):
         st = h.stats()
     assert st["visual_tokens"] == [0]
     assert st["record"]["layers"] == [] and "nothing recorded" in st["record"]["note"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_record_with_cls_prune_covers_the_kept_tokens(tiny, family):
+    """With tokens dropped before the LLM, every layer is recorded over the kept tokens: the aggregates equal
+    those of the unmodified eager model run on the kept tokens alone (at their original positions)."""
+    model, processor = tiny(family, "eager")
+    inputs = testing.tiny_inputs(processor, batch=2)
+    with attnkit.intervene(model, "record", "cls-prune:keep=5") as handle, torch.no_grad():
+        model(**inputs)
+        rec = handle.interventions[0]
+        kept = handle.stats()["cls-prune"]["kept_positions"]
+    ref, cols = testing.reference_on_kept(model, inputs, kept, output_attentions=True)
+    ids = torch.gather(inputs["input_ids"], 1, cols)
+    am = torch.gather(inputs["attention_mask"], 1, cols).bool()
+    visual = ids == model.config.image_token_id
+    for layer, probs in enumerate(ref.attentions):
+        for b in range(2):
+            first_visual = int(visual[b].nonzero()[0])
+            text_rows = [t for t in range(ids.shape[1]) if am[b, t] and not visual[b, t] and t > first_visual]
+            expected = probs[b][:, text_rows][:, :, visual[b]].sum(-1).mean(-1)
+            torch.testing.assert_close(rec.visual_share[layer][b], expected, rtol=1e-5, atol=1e-6)
+            assert rec.last_query[layer][b].shape == (probs.shape[1], 5)
+            torch.testing.assert_close(rec.last_query[layer][b], probs[b, :, -1, visual[b]], rtol=1e-5, atol=1e-6)
+
+
+def test_record_with_fastv_records_full_then_kept_layers(tiny):
+    model, processor = tiny("llava", "eager")
+    inputs = testing.tiny_inputs(processor, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True).attentions
+    with attnkit.intervene(model, "record", "fastv:k=2,keep=6") as handle, torch.no_grad():
+        model(**inputs)
+        rec = handle.interventions[0]
+    visual = inputs["input_ids"] == model.config.image_token_id
+    for layer in (0, 1):      # before the drop: the full prompt
+        for b in range(2):
+            torch.testing.assert_close(rec.last_query[layer][b], ref[layer][b, :, -1, visual[b]], rtol=1e-5, atol=1e-6)
+    for layer in (2, 3):      # after it: the 6 kept visual tokens
+        for b in range(2):
+            assert rec.last_query[layer][b].shape[-1] == 6
+            assert 0 <= float(rec.visual_share[layer][b].min()) and float(rec.visual_share[layer][b].max()) <= 1

@@ -33,7 +33,8 @@ from attnkit.interventions.base import Intervention
 
 @dataclass
 class Selection:
-    """Kept token indices (into the view's tokens), and optionally their new rows [len(keep), D] (LLM inputs)."""
+    """Kept token indices (into the view's tokens), and optionally new rows [m, D] for the LAST m of them
+    (merged tokens, listed last): LLM input rows at stage 0, the residual stream entering layer K at stage K."""
 
     keep: torch.Tensor
     rows: torch.Tensor | None = None
@@ -243,8 +244,8 @@ class Pruner(Intervention):
             idx = chosen.keep.to(view.positions.device).long()
             keep[view.sample, view.positions[idx]] = True
             keep[view.sample, always] = True
-            if chosen.rows is not None:
-                pos = view.positions[idx]
+            if chosen.rows is not None and len(chosen.rows):
+                pos = view.positions[idx[len(idx) - len(chosen.rows):]]
                 old = rows[view.sample]
                 rows[view.sample] = (pos, chosen.rows) if old is None else \
                     (torch.cat([old[0], pos]), torch.cat([old[1], chosen.rows.to(old[1])]))

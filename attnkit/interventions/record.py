@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from attnkit.hooks.drop import layout_at
 from attnkit.interventions.base import Intervention, param, register
 
 
@@ -24,7 +25,9 @@ class Record(Intervention):
       that predicts the first answer token) looks at in the image, in visual-token order.
 
     Probabilities are computed as eager attention does, in chunks of query rows; the layer's output
-    still comes from the model's own implementation, so recording does not change any logit.
+    still comes from the model's own implementation, so recording does not change any logit. With a
+    token dropper (``cls-prune``, ``fastv``, ...) each layer is recorded over the tokens it really sees:
+    V_b and ``last_query`` then cover the kept visual tokens only, in their order.
     """
 
     name = "record"
@@ -45,8 +48,11 @@ class Record(Intervention):
         spans = call.state.spans
         if not call.is_prefill or spans is None or not spans.has_images():
             return
-        visual = spans.visual.to(call.query.device)               # [B, L] keys (= queries at prefill)
-        text = spans.text_after_image().to(call.query.device)     # [B, L] queries
+        layout = layout_at(call.state, call.layer_idx)            # after a token dropper: the kept tokens only
+        if layout[0].shape[1] != call.q_len or call.q_len != call.kv_len:
+            return
+        visual = layout[0].to(call.query.device)                 # [B, L] keys (= queries at prefill)
+        text = layout[2].to(call.query.device)                   # [B, L] queries
         B, H = call.query.shape[:2]
         total = torch.zeros(B, H, dtype=torch.float32, device=call.query.device)
         last = None

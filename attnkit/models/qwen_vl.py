@@ -38,6 +38,7 @@ class QwenVLAdapter(ModelAdapter):
         return (grid.prod(-1) // self.merge_size**2).tolist()
 
     vision_scores = ("received",)
+    _projecting = False
 
     def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
         """At the last full-attention vision block: the mean attention each patch receives (over heads and
@@ -80,6 +81,8 @@ class QwenVLAdapter(ModelAdapter):
                 captured["received"] = torch.cat(received).view(-1, unit).mean(1)
 
         def on_merger(module, args):
+            if self._projecting:      # project() runs the merger on merged rows: not a vision forward
+                return
             x = args[0]
             if "features" in wants:
                 captured["features"] = x.view(-1, unit, x.shape[-1])
@@ -107,4 +110,8 @@ class QwenVLAdapter(ModelAdapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The patch merger on merged units: ``features`` [m, 4, D] -> [m, D_llm]."""
         weight = next(self.projector.parameters())
-        return self.projector(features.reshape(-1, features.shape[-1]).to(weight.device, weight.dtype))
+        self._projecting = True
+        try:
+            return self.projector(features.reshape(-1, features.shape[-1]).to(weight.device, weight.dtype))
+        finally:
+            self._projecting = False
