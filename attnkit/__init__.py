@@ -5,6 +5,7 @@ from attnkit.interventions import (
     MMA,
     PAI,
     VAR,
+    VCD,
     VHR,
     ClsPrune,
     FastV,
@@ -19,5 +20,6 @@ from attnkit.models import supported_classes
 
 __version__ = "0.1.0"
 
-__all__ = ["ClsPrune", "FastV", "Handle", "Intervention", "MMA", "PAI", "Record", "VAR", "VHR", "VisualTokenExit",
-           "available", "build", "find_sink_dims", "handle_of", "intervene", "supported_classes", "wrap"]
+__all__ = ["ClsPrune", "FastV", "Handle", "Intervention", "MMA", "PAI", "Record", "VAR", "VCD", "VHR",
+           "VisualTokenExit", "available", "build", "find_sink_dims", "handle_of", "intervene", "supported_classes",
+           "wrap"]

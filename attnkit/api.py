@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import StaticCache, StaticLayer
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 from attnkit.hooks.attention import ATTR, LayerHook, dispatch_name
 from attnkit.hooks.install import Installed
@@ -60,6 +63,7 @@ class Handle:
     def _install(self) -> None:
         model, adapter, inst = self.model, self.adapter, self._installed
         inst.set_attr(model, HANDLE_ATTR, self)
+        inst.set_attr(model, "__deepcopy__", self._copy_unwrapped)  # copy.deepcopy looks it up on the instance
         ctx = WrapContext(model, adapter, self.state, inst)
 
         previous = adapter.text_config._attn_implementation
@@ -85,6 +89,9 @@ class Handle:
         cache = self.adapter.forward_arg("past_key_values", args, kwargs)
         prefill = cache is None or cache.get_seq_length() == 0
         if prefill:
+            if self.interventions and _fixed_size(cache):
+                raise ValueError(f"past_key_values is a {type(cache).__name__} (fixed size); attnkit interventions "
+                                 f"need a growing cache: use DynamicCache, generate's default cache, or no cache")
             input_ids = self.adapter.forward_arg("input_ids", args, kwargs)
             mask = self.adapter.forward_arg("attention_mask", args, kwargs)
             counts = self.adapter.image_token_counts(args, kwargs)
@@ -100,6 +107,21 @@ class Handle:
     def _after_forward(self, module, args, output):
         if self.state.step == 0 and self.state.prefill_ms is None:
             self.state.prefill_ms = (time.perf_counter() - self.state._t0) * 1e3
+
+    def _copy_unwrapped(self, memo: dict) -> torch.nn.Module:
+        """``copy.deepcopy(model)``: a copy of the model as it was before ``wrap()``; the original stays wrapped
+        (its changes are undone for the copy and installed again)."""
+        self._installed.remove()
+        try:
+            return copy.deepcopy(self.model, memo)
+        finally:
+            self._installed = Installed()
+            try:
+                self._install()
+            except BaseException:
+                self._installed.remove()
+                self._removed = True
+                raise
 
     def stats(self) -> dict[str, Any]:
         """What the interventions did in the last forward / ``generate()``."""
@@ -129,12 +151,21 @@ class Handle:
 
 
 def wrap(model: torch.nn.Module, *interventions: Intervention | str) -> Handle:
-    """Install ``interventions`` (objects or spec strings like ``"fastv:k=2,keep=0.5"``) on ``model``."""
+    """Install ``interventions`` (objects or spec strings like ``"fastv:k=2,keep=0.5"``) on ``model``.
+
+    Interventions need a growing (dynamic) KV cache: a static-cache ``generation_config`` is refused here and a
+    ``StaticCache`` at the prefill forward (a wrap with no intervention accepts both). ``copy.deepcopy`` of a
+    wrapped model returns an UNWRAPPED copy (the model as before ``wrap()``); the original stays wrapped.
+    """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already wrapped by attnkit "
                            f"({getattr(model, HANDLE_ATTR)!r}); call handle.remove() first")
     adapter = get_adapter(model)  # unsupported models fail before any spec is parsed
     built = [build(spec) for spec in interventions]
+    impl = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if built and impl in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"generation_config.cache_implementation={impl!r} is a fixed-size cache; attnkit "
+                         f"interventions need a growing one: set it to None or 'dynamic' before wrap()")
     names = [iv.name for iv in built]
     for name in set(names):
         if names.count(name) > 1:
@@ -155,6 +186,11 @@ def intervene(model: torch.nn.Module, *interventions: Intervention | str) -> Ite
         yield handle
     finally:
         handle.remove()
+
+
+def _fixed_size(cache) -> bool:
+    layers = getattr(cache, "layers", ())
+    return isinstance(cache, StaticCache) or any(isinstance(layer, StaticLayer) for layer in layers)
 
 
 def handle_of(model: torch.nn.Module) -> Handle | None:

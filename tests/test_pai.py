@@ -1,4 +1,4 @@
-"""pai: +alpha*|logit| on image keys of the last query row, every family end to end."""
+"""pai: +alpha*|logit| on image keys of the last real query row; the CFG logit step with a text-only branch."""
 
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def test_family_identity_effect_and_generate(tiny, family):
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         ref = model(**inputs).logits
-        with attnkit.intervene(model, "pai:alpha=0"):
+        with attnkit.intervene(model, "pai:alpha=0,cfg=false"):
             same = model(**inputs).logits
-        with attnkit.intervene(model, "pai"):
+        with attnkit.intervene(model, "pai:cfg=false"):
             changed = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
         visual = inputs["input_ids"] == model.config.image_token_id

@@ -8,8 +8,9 @@ from attnkit.interventions.pai import PAI
 from attnkit.interventions.record import Record
 from attnkit.interventions.sinks import find_sink_dims
 from attnkit.interventions.var import VAR
+from attnkit.interventions.vcd import VCD
 from attnkit.interventions.vhr import VHR
 from attnkit.interventions.vte import VisualTokenExit
 
-__all__ = ["ClsPrune", "FastV", "Intervention", "MMA", "PAI", "REGISTRY", "Record", "VAR", "VHR", "VisualTokenExit",
-           "available", "build", "find_sink_dims", "param", "register"]
+__all__ = ["ClsPrune", "FastV", "Intervention", "MMA", "PAI", "REGISTRY", "Record", "VAR", "VCD", "VHR",
+           "VisualTokenExit", "available", "build", "find_sink_dims", "param", "register"]
