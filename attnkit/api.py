@@ -94,6 +94,7 @@ class Handle:
                                  f"need a growing cache: use DynamicCache, generate's default cache, or no cache")
             input_ids = self.adapter.forward_arg("input_ids", args, kwargs)
             mask = self.adapter.forward_arg("attention_mask", args, kwargs)
+            mask = mask if torch.is_tensor(mask) else None   # generate's static-cache path passes a dict of masks
             counts = self.adapter.image_token_counts(args, kwargs)
             state.spans = None if input_ids is None else self.adapter.visual_spans(input_ids, mask, counts)
             state.step, state.forward_calls, state.prefill_ms, state.keep_plan = 0, 0, None, None
