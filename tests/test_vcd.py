@@ -120,8 +120,10 @@ def test_right_padding_reads_each_sample_last_real_row(tiny, family):
             _assert_same_cut(together[b, last][None], alone[None])
 
 
-def test_conflicts_and_spec(tiny):
-    model, _ = tiny("llava")
+def test_conflicts_spec_and_tuple_outputs(tiny):
+    model, processor = tiny("llava")
+    with attnkit.intervene(model, "vcd"), pytest.raises(ValueError, match="return_dict=True"):
+        model(**_batch(processor, [0]), return_dict=False)
     with pytest.raises(ValueError, match="vcd and fastv cannot be combined: the noised-image branch"):
         attnkit.wrap(model, "vcd", "fastv")
     with pytest.raises(ValueError, match="pai and vcd cannot be combined: both replace the logits"):

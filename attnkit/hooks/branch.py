@@ -64,12 +64,11 @@ class Branch:
         self._names = list(inspect.signature(ctx.model.forward).parameters)
         ctx.installed.forward_hook(ctx.model, self._after, with_kwargs=True)
         model = ctx.model
-        own = model.__dict__.get("_reorder_cache")
-        previous = own if own is not None else getattr(type(model), "_reorder_cache", None)
+        previous = getattr(model, "_reorder_cache", None)   # a model's own (bound) reordering, if it has one
 
         def reorder_cache(cache, beam_idx):
             if previous is not None:
-                cache = previous(cache, beam_idx) if own is not None else previous(model, cache, beam_idx)
+                cache = previous(cache, beam_idx)
             elif hasattr(cache, "reorder_cache"):
                 cache.reorder_cache(beam_idx)
             else:
@@ -86,9 +85,12 @@ class Branch:
         self.rows = {k: v[beam_idx.to(v.device)] for k, v in self.rows.items()}
 
     def _after(self, module, args, kwargs, output):
-        logits = getattr(output, "logits", None)
-        if self.active or not torch.is_tensor(logits):
+        if self.active:
             return None
+        logits = getattr(output, "logits", None)
+        if not torch.is_tensor(logits):
+            raise ValueError(f"a two-branch logit step needs the model output's logits; got {type(output).__name__} "
+                             f"(call the model with return_dict=True, the default)")
         call = {**dict(zip(self._names, args)), **kwargs}
         state = self.ctx.state
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
