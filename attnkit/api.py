@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 from attnkit.hooks.handle import HANDLE_ATTR, Handle, RunState, WrapContext
 from attnkit.interventions.base import Intervention, build
@@ -15,12 +16,21 @@ __all__ = ["HANDLE_ATTR", "Handle", "RunState", "WrapContext", "handle_of", "int
 
 
 def wrap(model: torch.nn.Module, *interventions: Intervention | str) -> Handle:
-    """Install ``interventions`` (objects or spec strings like ``"fastv:k=2,keep=0.5"``) on ``model``."""
+    """Install ``interventions`` (objects or spec strings like ``"fastv:k=2,keep=0.5"``) on ``model``.
+
+    Interventions need a growing (dynamic) KV cache: a static-cache ``generation_config`` is refused here and a
+    ``StaticCache`` at the prefill forward (a wrap with no intervention accepts both). ``copy.deepcopy`` of a
+    wrapped model returns an UNWRAPPED copy (the model as before ``wrap()``); the original stays wrapped.
+    """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already wrapped by attnkit "
                            f"({getattr(model, HANDLE_ATTR)!r}); call handle.remove() first")
     adapter = get_adapter(model)  # unsupported models fail before any spec is parsed
     built = [build(spec) for spec in interventions]
+    impl = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if built and impl in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"generation_config.cache_implementation={impl!r} is a fixed-size cache; attnkit "
+                         f"interventions need a growing one: set it to None or 'dynamic' before wrap()")
     names = [iv.name for iv in built]
     for name in set(names):
         if names.count(name) > 1:

@@ -143,3 +143,47 @@ def test_registry_lists_parameters_and_round_trips():
     assert iv == attnkit.Record(layers=(0, 3))
     assert attnkit.build(iv.spec()) == iv
     assert attnkit.Record().spec() == "record"
+
+
+@pytest.mark.parametrize("spec", [None, "record", "pai", "cls-prune:keep=4", "vcd"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_deepcopy_of_a_wrapped_model_is_an_unwrapped_copy(tiny, family, spec):
+    import copy
+
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=2)
+    ref = _logits(model, inputs)
+    handle = attnkit.wrap(model, *([spec] if spec else []))
+    try:
+        wrapped = _logits(model, inputs)
+        clone = copy.deepcopy(model)
+        assert attnkit.handle_of(clone) is None
+        _assert_clean(clone, "sdpa")
+        assert torch.equal(_logits(clone, inputs), ref)                # the copy is the model before wrap()
+        assert attnkit.handle_of(model) is handle
+        assert torch.equal(_logits(model, inputs), wrapped)            # the original stays wrapped and working
+    finally:
+        handle.remove()
+    _assert_clean(model, "sdpa")
+    assert torch.equal(_logits(model, inputs), ref)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_static_cache_is_refused_with_interventions(tiny, family):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=2)
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    ref = model.generate(**inputs, **kw)
+    with attnkit.intervene(model, "pai:cfg=false"):
+        with pytest.raises(ValueError, match=r"past_key_values is a StaticCache .*use DynamicCache"):
+            model.generate(**inputs, **kw)
+    with attnkit.intervene(model):                                     # no intervention: static caches work
+        assert torch.equal(model.generate(**inputs, **kw), ref)
+    model.generation_config.cache_implementation = "static"
+    try:
+        with pytest.raises(ValueError, match=r"cache_implementation='static' .* set it to None or 'dynamic'"):
+            attnkit.wrap(model, "record")
+        attnkit.wrap(model).remove()
+    finally:
+        model.generation_config.cache_implementation = None
+    _assert_clean(model, "sdpa")

@@ -1,8 +1,16 @@
 """bf16, bitsandbytes 4-/8-bit (the ``quant`` extra) and ``device_map="auto"`` models wrap, prune, generate and
-remove like the others."""
+remove like the others.
+
+Widths: on CPUs with AVX512-BF16, bitsandbytes (0.50) repacks every 4-bit weight [N, K] at its first forward
+(``functional._convert_weight_packed_for_cpu``: N % 32 == 0, absmax reshaped to [N, K // blocksize]) and its
+fused kernel reads blocks of ``blocksize`` (64) along K; other CPUs dequantise (K even). The tiny models here
+are 64 wide (vision 64 instead of the default 32, which gave ``shape '[96, 0]' is invalid``), so every
+quantised linear has K % 64 == 0 and N % 32 == 0 and works on every kernel path.
+"""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -11,14 +19,35 @@ import torch
 import attnkit
 from attnkit import testing
 
+SIZE = testing.TinySize(vision_hidden=64)   # every linear's in/out width a multiple of 64 / 32 (see above)
+BLOCK_N = 32                                 # bitsandbytes' CPU repacking block along the output dimension
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     paths = {}
     for family in ("llava", "qwen2_vl"):
         paths[family] = tmp_path_factory.mktemp(family)
-        testing.save_tiny(family, paths[family])
+        testing.tiny_model(family, size=SIZE).save_pretrained(paths[family])
+        testing.tiny_processor(family, SIZE).save_pretrained(paths[family])
     return paths
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_4bit_weights_fit_every_cpu_kernel(saved, family):
+    """Whatever this CPU is, every 4-bit weight satisfies the AVX512-BF16 path's repacking (run here on copies)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = _load(family, saved[family], "4bit")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) > 20                                   # the vision tower and projector are quantised too
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert layer.in_features % state.blocksize == 0 and layer.out_features % BLOCK_N == 0, layer
+        packed, packed_state = _convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(state))
+        assert packed.shape == (layer.out_features, layer.in_features // 2)
+        assert packed_state.absmax.shape == (layer.in_features // state.blocksize, layer.out_features)
 
 
 def _load(family, path, mode):
@@ -46,7 +75,7 @@ def test_quantized_wrap_generate_remove(saved, family, mode):
     model = _load(family, saved[family], mode)
     if mode in ("4bit", "8bit"):
         assert "bit" in type(model.model.language_model.layers[0].self_attn.q_proj).__name__
-    inputs = testing.tiny_inputs(testing.tiny_processor(family), batch=2)
+    inputs = testing.tiny_inputs(testing.tiny_processor(family, SIZE), batch=2)
     kw = dict(max_new_tokens=3, do_sample=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

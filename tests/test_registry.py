@@ -28,6 +28,7 @@ EXAMPLES = {
     "var": ("var:sink_dims=0+1,tau=1.0", "loop"),
     "vhr": ("vhr:alpha=2.0", "chunk"),
     "pai": ("pai:alpha=0.5", "loop"),
+    "vcd": ("vcd", "loop"),
     "mma": ("mma", "chunk"),
     "record": ("record", "loop"),
 }

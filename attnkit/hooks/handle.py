@@ -8,12 +8,14 @@ can install interventions with :func:`installed` without importing the public AP
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import StaticCache, StaticLayer
 
 from attnkit.hooks.attention import ATTR, LayerHook, dispatch_name
 from attnkit.hooks.install import Installed
@@ -77,6 +79,7 @@ class Handle:
     def _install(self) -> None:
         model, adapter, inst = self.model, self.adapter, self._installed
         inst.set_attr(model, HANDLE_ATTR, self)
+        inst.set_attr(model, "__deepcopy__", self._copy_unwrapped)  # copy.deepcopy looks it up on the instance
         ctx = WrapContext(model, adapter, self.state, inst)
 
         previous = adapter.text_config._attn_implementation
@@ -102,8 +105,12 @@ class Handle:
         cache = self.adapter.forward_arg("past_key_values", args, kwargs)
         prefill = cache is None or cache.get_seq_length() == 0
         if prefill:
+            if self.interventions and _fixed_size(cache):
+                raise ValueError(f"past_key_values is a {type(cache).__name__} (fixed size); attnkit interventions "
+                                 f"need a growing cache: use DynamicCache, generate's default cache, or no cache")
             input_ids = self.adapter.forward_arg("input_ids", args, kwargs)
             mask = self.adapter.forward_arg("attention_mask", args, kwargs)
+            mask = mask if torch.is_tensor(mask) else None   # generate's static-cache path passes a dict of masks
             counts = self.adapter.image_token_counts(args, kwargs)
             state.spans = None if input_ids is None else self.adapter.visual_spans(input_ids, mask, counts)
             state.step, state.forward_calls, state.prefill_ms, state.keep_plans = 0, 0, None, []
@@ -117,6 +124,21 @@ class Handle:
     def _after_forward(self, module, args, output):
         if self.state.step == 0 and self.state.prefill_ms is None:
             self.state.prefill_ms = (time.perf_counter() - self.state._t0) * 1e3
+
+    def _copy_unwrapped(self, memo: dict) -> torch.nn.Module:
+        """``copy.deepcopy(model)``: a copy of the model as it was before ``wrap()``; the original stays wrapped
+        (its changes are undone for the copy and installed again)."""
+        self._installed.remove()
+        try:
+            return copy.deepcopy(self.model, memo)
+        finally:
+            self._installed = Installed()
+            try:
+                self._install()
+            except BaseException:
+                self._installed.remove()
+                self._removed = True
+                raise
 
     def stats(self) -> dict[str, Any]:
         """What the interventions did in the last forward / ``generate()``."""
@@ -143,6 +165,11 @@ class Handle:
         specs = ", ".join(iv.spec() for iv in self.interventions) or "no intervention"
         state = "removed" if self._removed else "active"
         return f"<attnkit.Handle {type(self.model).__name__} [{specs}] {state}>"
+
+
+def _fixed_size(cache) -> bool:
+    layers = getattr(cache, "layers", ())
+    return isinstance(cache, StaticCache) or any(isinstance(layer, StaticLayer) for layer in layers)
 
 
 @contextlib.contextmanager

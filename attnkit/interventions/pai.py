@@ -1,4 +1,4 @@
-"""``pai``: Paying More Attention to Image (baseline) — raise the last query row's logits on image keys."""
+"""``pai``: Paying More Attention to Image (baseline): image attention of the last query row, then CFG on the logits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from attnkit.hooks.branch import Branch, last_real, text_only_inputs
 from attnkit.interventions.base import Intervention, param, register
 
 
@@ -15,7 +16,7 @@ class PromptLayout:
     """The prompt as one layer's keys see it: [B, P] masks over its P prompt columns (generated columns follow).
 
     Without token dropping P is the prompt length and the masks are the visual spans'. When a dropper
-    publishes its plan as ``state.keep_plan`` (``index`` [B, Lk] kept prompt positions, ``slot_valid``,
+    publishes its plans as ``state.keep_plans`` (``state.plan_at(layer)``) (``index`` [B, Lk] kept prompt positions, ``slot_valid``,
     ``from_layer``), layers from ``from_layer`` on see only the kept positions, in that order.
     """
 
@@ -50,31 +51,59 @@ def prompt_layout(state, layer_idx: int, device: torch.device) -> PromptLayout |
 @register
 @dataclasses.dataclass
 class PAI(Intervention):
-    """PAI (Liu et al., "Paying More Attention to Image", ECCV 2024), attention amplification only.
+    """PAI (Liu et al., "Paying More Attention to Image", ECCV 2024): attention step + CFG logit step.
 
-    In layers ``[start_layer, end_layer)``, all heads, the **last query row** only (the row that predicts
-    the next token: the last prompt row at prefill, the new row at each decode step), pre-softmax::
+    Attention: in layers ``[start_layer, end_layer)``, all heads, the **last real query row** of each sample
+    (the row that predicts the next token: each sample's last unpadded prompt row at prefill, the new row
+    at each decode step), pre-softmax ``z[i, j] <- z[i, j] + alpha * |z[i, j]|`` for image keys j. ``alpha``
+    (paper: alpha, 0.2); layers default to the released code's ``[2, 32)`` of 32, i.e. 2 ... L-1.
 
-        z[i_last, j] <- z[i_last, j] + alpha * |z[i_last, j]|      for image keys j,
+    Logits (``cfg=True``, the paper's commands ``--use-cfg --gamma 1.1``): with s = log_softmax of the
+    logits and u = log_softmax of a text-only branch (the prompt with the image removed, run WITHOUT the
+    attention step, as the released code's ``use_cfg`` pass)::
 
-    other rows and keys untouched, then the usual softmax. ``alpha`` (paper: alpha, default 0.2);
-    layers default to the released code's ``[2, 32)`` for 32 layers, i.e. 2 ... L-1 for any depth.
-    The paper's optional logit refinement (CFG with a text-only branch) is not part of this baseline.
+        out = gamma * (s - u) + u,      out[s < log(plausibility) + max s] = -inf
 
-    Needs: visual positions (``call.state.spans``, per sample) and the layer's logits, so the chosen
-    layers run eager attention for that row only; the other prefill rows keep the model's implementation.
-    Identity: ``alpha=0``.
+    ``gamma`` (paper: gamma, 1.1 as in the README; argparse default 2), ``plausibility`` 0.1 (hard-coded in
+    the released CFG.py; ``gamma=1`` returns s uncut, as there). Differences from the released code: the
+    branch keeps its own mask and positions (released: no mask, so padded batches break), follows beam
+    reordering (released: never reordered), and generate re-normalises ``out`` (released beam search adds
+    the unnormalised scores). Cost of ``cfg``: a second forward per step and a second KV cache.
+    ``cfg=false`` is the attention step alone; identity: ``alpha=0,cfg=false``. Needs visual positions
+    and the layer's logits (eager attention for the last rows only).
     """
 
     name = "pai"
     alpha: float = param(0.2, low=0.0, doc="amplification (paper: alpha)")
     start_layer: int = param(2, low=0, doc="first amplified layer (paper code: start_layer)")
     end_layer: int | None = param(None, low=1, doc="one past the last amplified layer (default: the layer count)")
+    cfg: bool = param(True, doc="the CFG logit step with a text-only branch (doubles the forwards)")
+    gamma: float = param(1.1, low=1.0, doc="guidance strength (paper: gamma)")
+    plausibility: float = param(0.1, low=0.0, high=1.0, low_open=True, doc="keep tokens with p >= this * max p")
 
     def __post_init__(self):
         super().__post_init__()
-        self._calls = 0
-        self._layouts: dict[tuple, PromptLayout | None] = {}
+        self._calls, self._branch = 0, None
+        self._layouts: dict[tuple, tuple | None] = {}
+
+    def attach(self, ctx) -> None:
+        if self.cfg:
+            self._branch = Branch(ctx, text_only_inputs, self.guide)
+
+    def conflicts_with(self, other: Intervention) -> str | None:
+        if self.cfg and getattr(other, "drops_tokens", False):
+            return f"the text-only branch does not follow {other.name}'s token dropping; use pai:cfg=false"
+        return None
+
+    def guide(self, logits: torch.Tensor, text_only: torch.Tensor) -> torch.Tensor:
+        """The CFG step on [B, V] logits of the full and the text-only input."""
+        s = torch.log_softmax(logits, -1)
+        if self.gamma == 1:
+            return s
+        u = torch.log_softmax(text_only, -1)
+        out = self.gamma * (s - u) + u
+        cut = s < torch.log(torch.tensor(self.plausibility)) + s.max(-1, keepdim=True).values
+        return out.masked_fill(cut, float("-inf"))
 
     def attention_layers(self, ctx) -> list[int]:
         end = ctx.adapter.num_layers if self.end_layer is None else self.end_layer
@@ -88,31 +117,33 @@ class PAI(Intervention):
         self._calls, self._layouts = 0, {}
 
     def on_attention(self, call) -> None:
+        if self._branch is not None and self._branch.active:
+            return   # the text-only branch runs without the attention step
         key = (call.layer_idx, id(call.state.spans), id(call.state.plan_at(call.layer_idx)))
         if key not in self._layouts:  # once per request and layer: decode steps need no host synchronisation
             layout = prompt_layout(call.state, call.layer_idx, call.query.device)
-            self._layouts[key] = layout if layout is not None and bool(layout.visual.any()) else None
-        layout = self._layouts[key]
-        visual = None if layout is None else layout.keys(call.kv_len, layout.visual)
+            if layout is None or not bool(layout.visual.any()):
+                self._layouts[key] = None
+            else:
+                last = last_real(layout.valid, layout.length, layout.valid.shape[0], call.query.device)
+                self._layouts[key] = (layout, last, int(last.min()), int(last.max()))
+        entry = self._layouts[key]
+        visual = None if entry is None else entry[0].keys(call.kv_len, entry[0].visual)
         if visual is None:
             return
-        last = call.q_len - 1
+        layout, last, lo, hi = entry
+        if call.q_len != layout.length:        # decode (or a partial prompt): the last row predicts
+            last, lo, hi = None, call.q_len - 1, call.q_len - 1
         image = visual[:, None, None, :]  # [B, 1, 1, kv]
         self._calls += 1
 
         def amplify(rows: slice, scores: torch.Tensor) -> torch.Tensor:
-            if not rows.start <= last < rows.stop:
-                return scores
-            i = last - rows.start
-            z = scores[:, :, i:i + 1]
-            amplified = torch.where(image, z + self.alpha * z.abs(), z)
-            if scores.shape[2] == 1:   # the usual case: only the last row runs eagerly
-                return amplified
-            scores = scores.clone()
-            scores[:, :, i:i + 1] = amplified
-            return scores
+            # each sample's own last real row (right padding: they differ); other rows pass through
+            row = torch.arange(rows.start, rows.stop, device=scores.device)[None, :]
+            row = row == (lo if last is None else last[:, None])
+            return torch.where(image & row[:, None, :, None], scores + self.alpha * scores.abs(), scores)
 
-        call.edit_scores(amplify, rows=slice(last, last + 1))
+        call.edit_scores(amplify, rows=slice(lo, hi + 1))
 
     def stats(self) -> dict[str, Any]:
-        return {"amplified_calls": self._calls}
+        return {"amplified_calls": self._calls, "cfg": self.cfg}
