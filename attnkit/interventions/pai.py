@@ -16,7 +16,7 @@ class PromptLayout:
     """The prompt as one layer's keys see it: [B, P] masks over its P prompt columns (generated columns follow).
 
     Without token dropping P is the prompt length and the masks are the visual spans'. When a dropper
-    publishes its plans as ``state.keep_plans`` (``state.plan_at(layer)``) (``index`` [B, Lk] kept prompt positions, ``slot_valid``,
+    publishes its plans (``state.plan_at(layer)``: ``index`` [B, Lk] kept prompt positions, ``slot_valid``,
     ``from_layer``), layers from ``from_layer`` on see only the kept positions, in that order.
     """
 
