@@ -247,25 +247,31 @@ def greedy_reference(model, inputs: dict, steps: int, family: str) -> torch.Tens
                            suppress=SPECIAL_IDS)
 
 
-def mask_keys(from_layer: int, dropped: list[list[int]]):
+def mask_keys(from_layer: int, dropped: list[list[int]], more: list[tuple[int, list[list[int]]]] = ()):
     """A reference intervention: in layers >= ``from_layer`` no query attends to the key positions
-    ``dropped[b]`` of sample b (nothing is removed: the masking equivalent of dropping those tokens)."""
+    ``dropped[b]`` of sample b (nothing is removed: the masking equivalent of dropping those tokens);
+    ``more`` adds later stages ``(layer, dropped)`` for multi-stage pruners."""
     import dataclasses
 
     from attnkit.interventions.base import Intervention
+
+    stages = [(from_layer, dropped), *more]
 
     @dataclasses.dataclass
     class MaskKeys(Intervention):
         name = "reference-mask-keys"
 
         def attention_layers(self, ctx):
-            return range(from_layer, ctx.adapter.num_layers)
+            return range(min(layer for layer, _ in stages), ctx.adapter.num_layers)
 
         def on_attention(self, call):
+            hidden = [d for layer, d in stages if layer <= call.layer_idx]
+
             def hide(rows, scores):
                 scores = scores.clone()
-                for b, cols in enumerate(dropped):
-                    scores[b, :, :, list(cols)] = torch.finfo(torch.float32).min
+                for d in hidden:
+                    for b, cols in enumerate(d):
+                        scores[b, :, :, list(cols)] = torch.finfo(torch.float32).min
                 return scores
 
             call.edit_scores(hide)

@@ -229,3 +229,18 @@ def test_conflicts_with_other_droppers(tiny):
     model, _ = tiny("llava")
     with pytest.raises(ValueError, match="cannot be combined"):
         attnkit.wrap(model, VisualTokenExit(policy="layer", exit_layer=1), "fastv")
+
+
+def test_router_features_use_each_samples_last_real_token():
+    """Right padding: the features of a sample in a padded batch equal those of the sample alone."""
+    from attnkit.models.spans import VisualSpans
+
+    ids = torch.tensor([[5, 9, 9, 7, 8, 6, 0, 0], [5, 9, 9, 7, 8, 6, 3, 4]])
+    mask = (torch.arange(8) < torch.tensor([[6], [8]])).long()
+    spans = VisualSpans.from_input_ids(ids, 9, mask)
+    hidden = torch.randn(2, 8, 4)
+    got = router_features(hidden, spans)
+    alone = router_features(hidden[:1, :6], VisualSpans.from_input_ids(ids[:1, :6], 9, mask[:1, :6]))
+    torch.testing.assert_close(got[:1], alone)
+    text = [3, 4]                           # after the image, without the last real token (5)
+    torch.testing.assert_close(got[0], torch.cat([hidden[0, text].mean(0), hidden[0, 5]]))

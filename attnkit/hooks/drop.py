@@ -363,7 +363,9 @@ class Dropper:
         out = {"from_layer": last.from_layer, "visual_tokens": spans.counts(),
                "visual_tokens_kept": last.visual_after, "kept_positions": kept}
         if len(self.plans) > 1:
-            out["stages"] = [{"from_layer": p.from_layer, "visual_tokens_kept": p.visual_after} for p in self.plans]
+            out["stages"] = [{"from_layer": p.from_layer, "visual_tokens_kept": p.visual_after,
+                              "kept_positions": [[int(t) for t in p.index[b][p.slot_valid[b]] if spans.visual[b, t]]
+                                                 for b in range(spans.batch_size)]} for p in self.plans]
         if any(any(p.merged) for p in self.plans):
             out["merged_tokens"] = [sum(p.merged[b] for p in self.plans) for b in range(spans.batch_size)]
         return out
