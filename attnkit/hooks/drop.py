@@ -80,6 +80,8 @@ class Dropper:
         n = ctx.adapter.num_layers
         if from_layer is not None and not 0 <= from_layer < n:
             raise ValueError(f"cannot drop tokens from layer {from_layer}; this model has layers 0..{n - 1}")
+        if not ctx.adapter.supports_token_dropping:
+            raise ValueError(f"dropping visual tokens is not yet supported on {ctx.adapter.family}")
         if getattr(ctx.adapter.language_model, "has_sliding_layers", False):
             raise ValueError("dropping visual tokens is not supported for sliding-window layers")
         if compact_positions and from_layer != 0:

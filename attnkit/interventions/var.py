@@ -59,11 +59,14 @@ class Redistribution:
             self.keep = torch.nn.functional.pad(self.keep, (0, extra), value=1.0)
             self.rest = torch.nn.functional.pad(self.rest, (0, extra))
 
-    def __call__(self, probs: torch.Tensor, edit_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``probs`` [B, H, r, kv] (float32), ``edit_rows`` [B, r] or None (all rows) -> (probs', selected)."""
+    def __call__(self, probs: torch.Tensor, edit_rows: torch.Tensor | None,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``probs`` [B, H, r, kv] (float32) over key columns ``offset ... offset+kv-1`` (a sliding-window cache
+        holds only the last keys), ``edit_rows`` [B, r] or None (all rows) -> (probs', selected)."""
         kv = probs.shape[-1]
-        self.grow(kv)
-        mass = torch.matmul(probs, self.cols[:, :, :kv])                        # [B, H, r, 4]
+        self.grow(offset + kv)
+        keys = slice(offset, offset + kv)
+        mass = torch.matmul(probs, self.cols[:, :, keys])                        # [B, H, r, 4]
         selected = (mass[..., :2] >= self.thresholds).all(-1)
         if edit_rows is not None:
             selected &= edit_rows[:, None, :]
@@ -71,7 +74,7 @@ class Redistribution:
             selected &= mass[..., 3] > 0
         gain = mass[..., 2] / mass[..., 3].clamp_min(torch.finfo(probs.dtype).tiny)   # p * sink / rest
         # a'_ij = a_ij * (1 - p [j in S] + gain_i [j in V \\ S]) on selected rows, a_ij elsewhere
-        factor = torch.addcmul(self.keep[..., :kv], gain.unsqueeze(-1), self.rest[..., :kv])
+        factor = torch.addcmul(self.keep[..., keys], gain.unsqueeze(-1), self.rest[..., keys])
         return torch.where(selected.unsqueeze(-1), probs * factor, probs), selected
 
 
@@ -190,10 +193,11 @@ class VAR(Intervention):
         if prep is None:
             return
         layout, redistribution, has_image, all_images = prep
-        kv, q = call.kv_len, call.q_len
-        if kv < layout.length:
+        kv, q, step = call.kv_len, call.q_len, call.state.step
+        offset = layout.key_offset(kv, step)     # > 0: a sliding-window layer's decode keys (the window only)
+        if kv + offset < layout.length:
             return
-        if q == 1 and kv > layout.length:
+        if q == 1 and step > 0:
             # a generated token: edited in every sample with an image
             edit_rows, lo, hi = (None if all_images else has_image), 0, 1
         else:
@@ -209,7 +213,7 @@ class VAR(Intervention):
 
         def edit(rows: slice, probs: torch.Tensor) -> torch.Tensor:
             er = None if edit_rows is None else edit_rows[:, rows]
-            out, selected = redistribution(probs, er)
+            out, selected = redistribution(probs, er, offset)
             if counts is not None:
                 counts.append(selected.sum())
                 counts.append(er.sum() * probs.shape[1])
