@@ -172,9 +172,9 @@ def test_record_matches_output_attentions(tiny, family):
 
 
 @pytest.mark.parametrize("family", NEW)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_pai_identity_effect_and_generate(tiny, family, batch):
-    model, processor = tiny(family)
+@pytest.mark.parametrize("batch,impl", [(1, "sdpa"), (3, "sdpa"), (3, "eager")])
+def test_pai_identity_effect_and_generate(tiny, family, batch, impl):
+    model, processor = tiny(family, impl)
     inputs = testing.tiny_inputs(processor, batch=batch)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -213,9 +213,9 @@ def _visual_sinks_setting(model, inputs, layer: int = 2) -> dict:
 
 
 @pytest.mark.parametrize("family", NEW)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_var_identity_effect_and_generate(tiny, family, batch):
-    model, processor = tiny(family)
+@pytest.mark.parametrize("batch,impl", [(1, "sdpa"), (3, "sdpa"), (3, "eager")])
+def test_var_identity_effect_and_generate(tiny, family, batch, impl):
+    model, processor = tiny(family, impl)
     inputs = testing.tiny_inputs(processor, batch=batch)
     valid = inputs["attention_mask"].bool()
     tiny_var = dict(_visual_sinks_setting(model, inputs), min_visual_attention=0.05)

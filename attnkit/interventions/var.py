@@ -172,7 +172,7 @@ class VAR(Intervention):
             if layout is None or tuple(hidden.shape[:2]) != tuple(layout.visual.shape):
                 self._sinks[layer] = None  # a layout we cannot map to prompt positions
                 return
-            if self._dims is None:
+            if self._dims is None and bool(layout.visual.any()):
                 self._find_dims(layer, hidden, layout.valid)
             if not self._dims:   # auto, nothing massive (yet): no sink under any choice of dimensions
                 self._sinks[layer] = torch.zeros_like(layout.valid)
