@@ -254,6 +254,8 @@ def test_auto_sink_dims_find_a_planted_dimension_and_equal_given_dims(tiny, fami
         with torch.no_grad():
             ref = model(**inputs).logits
             with attnkit.intervene(model, VAR(sink_dims="auto", tau=5.0)) as handle:
+                model(**processor(text=["describe this image"], return_tensors="pt"))   # no image: not decided
+                pending = handle.stats()["var"]["sink_dims"]
                 auto = model(**inputs).logits
                 stats = handle.stats()["var"]
                 auto_other = model(**other).logits          # dims stay fixed after the first prefill
@@ -264,7 +266,7 @@ def test_auto_sink_dims_find_a_planted_dimension_and_equal_given_dims(tiny, fami
     finally:
         for h in hooks:
             h.remove()
-    assert stats["sink_dims"] == [41] and "found at layer 2" in stats["sink_dims_auto"]
+    assert pending is None and stats["sink_dims"] == [41] and "found at layer 2" in stats["sink_dims_auto"]
     assert stats["layers"][2]["visual_sinks"] == given_stats["layers"][2]["visual_sinks"] != [0, 0]
     assert torch.equal(auto, given) and torch.equal(auto_other, given_other)
     assert (auto - ref).abs().max() > 1e-4
