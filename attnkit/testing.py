@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+NEW_FAMILIES = ("qwen3_vl", "llava_onevision", "internvl", "gemma3")   # no token pruning yet
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>",
             "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -27,6 +29,15 @@ _WORDS = ("USER: ASSISTANT: user assistant system a an the is are there in on of
           "bottom center circle square triangle star cat dog car tree house person bird cup "
           "table chair book ball boat plane train bus clock phone laptop bottle apple banana "
           "pizza cake sky water grass road . , ?").split()
+# markers of the newer families, after the words so that the older families' ids stay as they were
+_SPECIAL_2 = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>",
+              "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# the tokenizer attributes each family's processor reads (e.g. Gemma 3's ``tokenizer.boi_token``)
+_TOKEN_ATTRS = {
+    "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+}
 VOCAB_SIZE = 256  # the tiny configs' vocab; ids past the word list are never produced by text
 
 LLAVA_TEMPLATE = (
@@ -34,6 +45,17 @@ LLAVA_TEMPLATE = (
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
     "{% endif %}{% endfor %}{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }} "
     "{% endfor %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# Gemma 3's processor expands each ``<start_of_image>`` into its image block; InternVL's each ``<IMG_CONTEXT>``
+GEMMA3_TEMPLATE = (
+    "<s> {% for message in messages %}<start_of_turn>{{ message['role'] }} "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image> {% else %}{{ c['text'] }} "
+    "{% endif %}{% endfor %}<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant{% endif %}"
+)
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT> {% else %}{{ c['text'] }} "
+    "{% endif %}{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
 )
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} "
@@ -43,21 +65,22 @@ QWEN_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer (whitespace split, left padding) with LLaVA and Qwen special tokens."""
+def tiny_tokenizer(family: str | None = None):
+    """A word-level fast tokenizer (whitespace split, left padding) with the special tokens of every family;
+    ``family`` adds the named markers its processor reads (Gemma 3, InternVL)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _WORDS)}
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _WORDS + _SPECIAL_2)}
     assert len(vocab) <= VOCAB_SIZE
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left",
+        padding_side="left", extra_special_tokens=_TOKEN_ATTRS.get(family, {}),
     )
-    tok.add_special_tokens({"additional_special_tokens": _SPECIAL[4:]})
+    tok.add_special_tokens({"additional_special_tokens": _SPECIAL[4:] + _SPECIAL_2})
     return tok
 
 
@@ -121,7 +144,62 @@ def tiny_config(family: str, size: TinySize | None = None):
                       spatial_merge_size=2, temporal_patch_size=2, window_size=16,
                       fullatt_block_indexes=[max(s.vision_layers, 2) - 1])
         return Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision, **ids)
-    raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    if family in NEW_FAMILIES:
+        return _new_family_config(family, s, text)
+    raise ValueError(f"unknown family {family!r}; use one of {', '.join(ALL_FAMILIES)}")
+
+
+GEMMA3_SLIDING_WINDOW = 12   # smaller than every tiny prompt (about 30 tokens), larger than the text after the image
+GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")   # alternating (the checkpoints: 5 local, 1 global)
+
+
+def _token_id(token: str) -> int:
+    return (_SPECIAL + _WORDS + _SPECIAL_2).index(token)
+
+
+def _new_family_config(family: str, s: TinySize, text: dict):
+    """Qwen3-VL, LLaVA-OneVision, InternVL and Gemma 3 at toy size (real configs, ids of :func:`tiny_tokenizer`)."""
+    from transformers import Gemma3Config, InternVLConfig, LlavaOnevisionConfig, Qwen3VLConfig
+
+    head_dim = s.hidden // s.heads
+    vision = dict(hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                  num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads)
+    if family == "qwen3_vl":
+        tok_ids = {t: i for i, t in enumerate(_SPECIAL)}
+        rope = {"rope_type": "default", "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True,
+                "rope_theta": 1e4}
+        deepstack = list(range(min(2, s.vision_layers)))   # DeepStack features into LLM layers 0 and 1
+        vis = dict(depth=s.vision_layers, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                   num_heads=s.vision_heads, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                   out_hidden_size=s.hidden, num_position_embeddings=(s.image // 4) ** 2,
+                   deepstack_visual_indexes=deepstack)
+        return Qwen3VLConfig(text_config=dict(text, head_dim=head_dim, rope_parameters=rope), vision_config=vis,
+                             image_token_id=tok_ids["<|image_pad|>"], video_token_id=tok_ids["<|video_pad|>"],
+                             vision_start_token_id=tok_ids["<|vision_start|>"],
+                             vision_end_token_id=tok_ids["<|vision_end|>"])
+    if family == "llava_onevision":
+        g = s.image
+        siglip = dict(vision, model_type="siglip_vision_model", image_size=s.image, patch_size=s.patch)
+        # AnyRes-max-9: a 3x4 grid (12 crops > 9) is downsampled bilinearly, as in the checkpoints
+        return LlavaOnevisionConfig(vision_config=siglip, text_config=dict(text, model_type="qwen2"),
+                                    image_token_index=_SPECIAL.index("<image>"), video_token_index=_token_id("<video>"),
+                                    image_grid_pinpoints=[[g, 2 * g], [2 * g, g], [2 * g, 2 * g], [3 * g, 4 * g]],
+                                    vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                    vision_aspect_ratio="anyres_max_9")
+    if family == "internvl":
+        intern = dict(vision, image_size=s.image, patch_size=s.patch // 2)   # 8x8 patches + [CLS] -> 16 tokens
+        return InternVLConfig(vision_config=intern, text_config=dict(text, model_type="qwen2"),
+                              image_token_id=_token_id("<IMG_CONTEXT>"), image_seq_length=(s.image // s.patch) ** 2,
+                              downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    if family == "gemma3":
+        types = [GEMMA3_LAYER_TYPES[i % 2] for i in range(s.layers)]
+        gemma = dict(text, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=GEMMA3_SLIDING_WINDOW,
+                     layer_types=types, hidden_activation="gelu_pytorch_tanh")
+        siglip = dict(vision, image_size=s.image, patch_size=s.patch // 2)   # 8x8 patches, pooled 2x2 -> 16 tokens
+        return Gemma3Config(text_config=gemma, vision_config=siglip, mm_tokens_per_image=(s.image // s.patch) ** 2,
+                            boi_token_index=_token_id("<start_of_image>"), eoi_token_index=_token_id("<end_of_image>"),
+                            image_token_index=_token_id("<image_soft_token>"))
+    raise ValueError(f"unknown family {family!r}; use one of {', '.join(NEW_FAMILIES)}")
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -141,7 +219,11 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", dt
     cls = {"llava": transformers.LlavaForConditionalGeneration,
            "llava_next": transformers.LlavaNextForConditionalGeneration,
            "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[family]
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+           "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+           "internvl": transformers.InternVLForConditionalGeneration,
+           "gemma3": transformers.Gemma3ForConditionalGeneration}[family]
     torch.manual_seed(seed)
     cfg._attn_implementation = attn_implementation
     model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
@@ -173,7 +255,43 @@ def tiny_processor(family: str, size: TinySize | None = None):
         ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=(2 * s.image) ** 2, patch_size=4, merge_size=2,
                                    temporal_patch_size=2)
         return qwen_image_processor_class(family)(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    if family in NEW_FAMILIES:
+        return _new_family_processor(family, s)
+    raise ValueError(f"unknown family {family!r}; use one of {', '.join(ALL_FAMILIES)}")
+
+
+def _new_family_processor(family: str, s: TinySize):
+    from attnkit.models.processors import image_only_processor_class
+
+    tok = tiny_tokenizer(family)
+    tokens = (s.image // s.patch) ** 2
+    if family == "qwen3_vl":
+        from transformers import Qwen2VLImageProcessorPil
+
+        ip = Qwen2VLImageProcessorPil(min_pixels=256, max_pixels=(2 * s.image) ** 2, patch_size=4, merge_size=2,
+                                      temporal_patch_size=2)
+        return image_only_processor_class(family)(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        g = s.image
+        ip = LlavaOnevisionImageProcessorPil(size={"height": g, "width": g},
+                                             image_grid_pinpoints=[[g, 2 * g], [2 * g, g], [2 * g, 2 * g],
+                                                                   [3 * g, 4 * g]])
+        return image_only_processor_class(family)(image_processor=ip, tokenizer=tok, num_image_tokens=tokens,
+                                                  vision_feature_select_strategy="full", chat_template=QWEN_TEMPLATE
+                                                  .replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>"))
+    if family == "internvl":
+        from transformers import GotOcr2ImageProcessorPil
+
+        ip = GotOcr2ImageProcessorPil(size={"height": s.image, "width": s.image}, crop_to_patches=True,
+                                      min_patches=1, max_patches=4)
+        return image_only_processor_class(family)(image_processor=ip, tokenizer=tok, image_seq_length=tokens,
+                                                  chat_template=INTERNVL_TEMPLATE)
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    ip = Gemma3ImageProcessorPil(size={"height": s.image, "width": s.image})
+    return Gemma3Processor(ip, tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=tokens)
 
 
 def tiny_model_and_processor(family: str, seed: int = 0, **kw):
@@ -195,14 +313,24 @@ def tiny_prompt(processor, text: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def tiny_inputs(processor, batch: int = 1, seed: int = 0, n_images: int = 1, image_sizes=None):
-    """Processor outputs for ``batch`` prompts of different lengths (so batch > 1 is left-padded)."""
+def tiny_inputs(processor, batch: int = 1, seed: int = 0, n_images: int = 1, image_sizes=None,
+                nested: bool | None = None):
+    """Processor outputs for ``batch`` prompts of different lengths (so batch > 1 is left-padded).
+
+    ``nested``: pass the images as one list per sample (Gemma 3's processor needs it; LLaVA-OneVision then
+    treats a sample's several images as a multi-image prompt, one crop each); default only for Gemma 3.
+    """
     texts, images = [], []
     for b in range(batch):
         texts.append(tiny_prompt(processor, _PROMPTS[(seed + b) % len(_PROMPTS)], n_images))
+        images.append([])
         for i in range(n_images):
             w, h = (image_sizes[(b * n_images + i) % len(image_sizes)] if image_sizes else (32, 32))
-            images.append(tiny_image(seed * 100 + b * 10 + i, w, h))
+            images[-1].append(tiny_image(seed * 100 + b * 10 + i, w, h))
+    if nested is None:
+        nested = type(processor).__name__.startswith("Gemma3")
+    if not nested:
+        images = [im for sample in images for im in sample]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
 
@@ -214,7 +342,7 @@ def save_tiny(family: str, path, seed: int = 0) -> None:
 
 
 # --- references for equivalence tests ----------------------------------------------------------------
-SPECIAL_IDS = list(range(len(_SPECIAL)))  # pad, bos, eos, unk and the image markers
+SPECIAL_IDS = list(range(len(_SPECIAL))) + [_token_id(t) for t in _SPECIAL_2]  # pad, bos, eos, unk, the markers
 
 
 def greedy_no_cache(model, inputs: dict, steps: int, positions_from_mask: bool = False,
@@ -235,8 +363,9 @@ def greedy_no_cache(model, inputs: dict, steps: int, positions_from_mask: bool =
         nxt = logits.argmax(-1, keepdim=True)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+        for name in ("mm_token_type_ids", "token_type_ids"):   # Qwen's rope index, Gemma 3's image blocks
+            if name in inputs:
+                inputs[name] = torch.cat([inputs[name], torch.zeros_like(nxt)], 1)
     return inputs["input_ids"]
 
 

@@ -1,6 +1,6 @@
 """Overhead of wrapping: forward time of the wrapped model with no intervention over the unwrapped one.
 
-    python benchmarks/overhead.py [--repeats 9] [--families llava qwen2_vl]
+    python benchmarks/overhead.py [--repeats 9] [--families llava qwen2_vl gemma3]   (default: every family)
     python benchmarks/overhead.py --interventions [var vhr pai mma] [--new-tokens 8]
 
 Mid-size configs of each family (random weights, real modeling code) on whatever device is present;
@@ -98,7 +98,7 @@ def main_interventions(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--families", nargs="+", default=list(testing.FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(testing.ALL_FAMILIES))
     parser.add_argument("--interventions", nargs="*", default=None,
                         help=f"time generate() with these (names: {', '.join(INTERVENTION_SPECS)}, or spec strings)")
     parser.add_argument("--new-tokens", type=int, default=8)

@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from attnkit import testing  # noqa: E402
 
-FAMILIES = testing.FAMILIES
+FAMILIES = testing.FAMILIES  # the newer families (testing.NEW_FAMILIES) use the same fixture
 
 
 @functools.cache

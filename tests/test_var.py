@@ -137,9 +137,10 @@ def test_spec_and_errors(tiny):
     assert attnkit.build("var:sink_dims=458+2570,p=0.4").sink_dims == (458, 2570)
     with pytest.raises(ValueError, match="p=1.5 is out of range"):
         VAR(p=1.5)
+    assert attnkit.build("var:sink_dims=auto").sink_dims == "auto"
+    with pytest.raises(ValueError, match="sink_dims='most' is not allowed; use dimensions .* or sink_dims=auto"):
+        attnkit.build("var:sink_dims=most")
     model, _ = tiny("llava")
-    with pytest.raises(ValueError, match="no known sink dimensions.*find_sink_dims"):
-        attnkit.wrap(model, "var")
     with pytest.raises(ValueError, match="sink_dims \\[999\\] out of range"):
         attnkit.wrap(model, VAR(sink_dims=(999,)))
     assert getattr(model, "_attnkit_handle", None) is None
@@ -222,3 +223,68 @@ def test_follows_the_kept_tokens_of_a_dropper(tiny):
             out = model.generate(**inputs, max_new_tokens=2, **GEN)
     assert "skipped" not in layer2 and all(v <= k for v, k in zip(layer2["visual_sinks"], kept))
     assert (both - pruned).abs().max() > 1e-4 and out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def _plant(model, dim: int, value: float = 60.0):
+    """A massive activation in hidden dimension ``dim`` on every third visual token, from layer 2's input on (the
+    output of layer 1, as in real LLMs where massive activations appear after the first layers)."""
+    ids = {}
+
+    def remember(module, args, kwargs):
+        ids["input_ids"] = kwargs["input_ids"]
+
+    def plant(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        x = ids["input_ids"]
+        rows = (x == model.config.image_token_id) & (torch.arange(x.shape[1]) % 3 == 0)
+        hidden[..., dim] += rows * value
+        return output
+
+    return [model.register_forward_pre_hook(remember, with_kwargs=True),
+            model.model.language_model.layers[1].register_forward_hook(plant)]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
+def test_auto_sink_dims_find_a_planted_dimension_and_equal_given_dims(tiny, family):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=2)
+    other = testing.tiny_inputs(processor, batch=2, seed=1)
+    hooks = _plant(model, 41)
+    try:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+            with attnkit.intervene(model, VAR(sink_dims="auto", tau=5.0)) as handle:
+                model(**processor(text=["describe this image"], return_tensors="pt"))   # no image: not decided
+                pending = handle.stats()["var"]["sink_dims"]
+                auto = model(**inputs).logits
+                stats = handle.stats()["var"]
+                auto_other = model(**other).logits          # dims stay fixed after the first prefill
+            with attnkit.intervene(model, VAR(sink_dims=(41,), tau=5.0)) as handle:
+                given = model(**inputs).logits
+                given_other = model(**other).logits
+                given_stats = handle.stats()["var"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert pending is None and stats["sink_dims"] == [41] and "found at layer 2" in stats["sink_dims_auto"]
+    assert stats["layers"][2]["visual_sinks"] == given_stats["layers"][2]["visual_sinks"] != [0, 0]
+    assert torch.equal(auto, given) and torch.equal(auto_other, given_other)
+    assert (auto - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_auto_is_the_default_off_the_table_and_edits_nothing_without_massive_activations(tiny, family):
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=2)
+    assert known_sink_dims(model.config.get_text_config()) is None
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with attnkit.intervene(model, "var") as handle:
+            before = handle.stats()["var"]
+            out = model(**inputs).logits
+            stats = handle.stats()["var"]
+    assert before["sink_dims"] is None and "not found yet" in before["sink_dims_auto"]
+    assert stats["sink_dims"] == [] and "nothing is edited" in stats["sink_dims_auto"]
+    assert "tau=20.0" in stats["sink_dims_auto"] and all(s == [0, 0] for s in
+                                                         (e["sinks"] for e in stats["layers"].values()))
+    assert torch.equal(out, ref)

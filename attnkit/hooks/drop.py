@@ -125,8 +125,8 @@ class Dropper:
 
     def __init__(self, ctx, layers: tuple[int, ...] | None, decide: Callable, compact_positions: bool = False):
         n = ctx.adapter.num_layers
-        if not getattr(ctx.adapter, "supports_token_dropping", True):
-            raise ValueError(f"dropping visual tokens is not supported on {ctx.adapter.family} yet")
+        if not ctx.adapter.supports_token_dropping:
+            raise ValueError(f"dropping visual tokens is not yet supported on {ctx.adapter.family}")
         if getattr(ctx.adapter.language_model, "has_sliding_layers", False):
             raise ValueError("dropping visual tokens is not supported for sliding-window layers")
         candidates = tuple(range(1, n)) if layers is None else tuple(sorted(set(layers)))

@@ -28,11 +28,20 @@ class PromptLayout:
     def length(self) -> int:
         return self.visual.shape[1]
 
-    def keys(self, kv_len: int, mask: torch.Tensor) -> torch.Tensor | None:
-        """``mask`` [B, P] padded with False to ``kv_len`` key columns; None if the call has fewer columns."""
-        if kv_len < self.length:
+    def key_offset(self, kv_len: int, step: int) -> int:
+        """Prompt columns before a call's first key column. The keys are the last ``kv_len`` positions of the
+        sequence so far (prompt + ``step`` generated tokens): all of them, except in a decode step of a
+        sliding-window layer whose cache keeps only the window (Gemma 3's local layers)."""
+        return max(self.length + step - kv_len, 0) if step > 0 else 0
+
+    def keys(self, kv_len: int, mask: torch.Tensor, step: int = 0) -> torch.Tensor | None:
+        """``mask`` [B, P] over the call's ``kv_len`` key columns (see :meth:`key_offset`), False on generated
+        tokens; None if the call has fewer columns than the prompt (an unknown layout)."""
+        offset = self.key_offset(kv_len, step)
+        visible = mask[:, min(offset, self.length):]
+        if kv_len < visible.shape[1] or (offset == 0 and kv_len < self.length):
             return None
-        return torch.nn.functional.pad(mask, (0, kv_len - self.length), value=False)
+        return torch.nn.functional.pad(visible, (0, kv_len - visible.shape[1]), value=False)
 
 
 def prompt_layout(state, layer_idx: int, device: torch.device) -> PromptLayout | None:
@@ -128,7 +137,7 @@ class PAI(Intervention):
                 last = last_real(layout.valid, layout.length, layout.valid.shape[0], call.query.device)
                 self._layouts[key] = (layout, last, int(last.min()), int(last.max()))
         entry = self._layouts[key]
-        visual = None if entry is None else entry[0].keys(call.kv_len, entry[0].visual)
+        visual = None if entry is None else entry[0].keys(call.kv_len, entry[0].visual, call.state.step)
         if visual is None:
             return
         layout, last, lo, hi = entry

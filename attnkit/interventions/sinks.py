@@ -26,6 +26,9 @@ SINK_DIMS: dict[tuple[str, int, int, int], tuple[int, ...]] = {
     ("qwen2_vl_text", 3584, 28, 18944): (458, 2570),   # Qwen2-VL-7B (VAR paper, Fig. 7)
     ("qwen2_vl", 3584, 28, 18944): (458, 2570),   # same, flat config of older checkpoints
 }
+# Not in the table on purpose: Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, Gemma 3 and HF-native InternVL (2.5 / 3) have
+# no published sink dimensions (VAR's Fig. 7 labels InternVL2-8B {3584}, whose InternLM2 LLM is not HF-native);
+# for them ``var`` finds the dimensions itself (``sink_dims=auto``, the default off the table).
 
 
 def llm_key(text_config) -> tuple[str, int, int, int]:
@@ -52,6 +55,23 @@ def sink_value(hidden: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:
     return x.index_select(-1, idx).abs().amax(-1) * torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
 
 
+def massive_counts(hidden: torch.Tensor, tau: float, valid: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per dimension d of ``hidden`` [B, L, D]: the number of (valid) tokens with ``|x[d]| / RMS(x) >= tau``, and
+    the largest ratio: ([D] long, [D] float32), on the CPU."""
+    r = sink_ratio(hidden.detach())
+    if valid is not None and valid.shape == r.shape[:2]:
+        r = r * valid[..., None].to(r.device)
+    return (r >= tau).sum((0, 1)).cpu(), r.amax((0, 1)).cpu()
+
+
+def rank_sink_dims(count: torch.Tensor, peak: torch.Tensor, top_k: int = 2) -> tuple[int, ...]:
+    """:func:`find_sink_dims`' rule on accumulated counts: the ``top_k`` dimensions with the most tokens reaching
+    tau (ties: the largest ratio), among those with at least one; sorted. Empty if no dimension reaches tau."""
+    order = sorted(range(len(count)), key=lambda d: (int(count[d]), float(peak[d])), reverse=True)
+    return tuple(sorted(d for d in order[:top_k] if count[d] > 0))
+
+
 def find_sink_dims(model: torch.nn.Module, inputs_list: Iterable[Mapping], tau: float = 20.0, top_k: int = 2,
                    layers: Iterable[int] | None = None) -> tuple[int, ...]:
     """The model's sink dimensions, found from forward passes over ``inputs_list`` (processor outputs).
@@ -74,12 +94,9 @@ def find_sink_dims(model: torch.nn.Module, inputs_list: Iterable[Mapping], tau: 
     valid: list[torch.Tensor | None] = [None]
 
     def capture(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        r = sink_ratio(x.detach())                                        # [B, L, D]
-        if valid[0] is not None and valid[0].shape == r.shape[:2]:
-            r = r * valid[0][..., None].to(r.device)
-        count.add_((r >= tau).sum((0, 1)).cpu())
-        torch.maximum(peak, r.amax((0, 1)).cpu(), out=peak)
+        c, p = massive_counts(args[0] if args else kwargs["hidden_states"], tau, valid[0])
+        count.add_(c)
+        torch.maximum(peak, p, out=peak)
 
     handles = [adapter.decoder_layers[i].register_forward_pre_hook(capture, with_kwargs=True) for i in chosen]
     try:
@@ -91,10 +108,9 @@ def find_sink_dims(model: torch.nn.Module, inputs_list: Iterable[Mapping], tau: 
     finally:
         for h in handles:
             h.remove()
-    order = sorted(range(hidden), key=lambda d: (int(count[d]), float(peak[d])), reverse=True)
-    found = [d for d in order[:top_k] if count[d] > 0]
+    found = rank_sink_dims(count, peak, top_k)
     if not found:
-        best = order[0]
+        best = int(peak.argmax())
         raise ValueError(f"no hidden dimension reaches |x[d]|/RMS(x) >= tau={tau} in layers {chosen}; the largest "
                          f"ratio seen is {float(peak.max()):.2f} (dimension {best}); lower tau or pass more inputs")
-    return tuple(sorted(found))
+    return found

@@ -9,7 +9,7 @@ import torch
 
 from attnkit.interventions.base import Intervention, param, register
 from attnkit.interventions.pai import prompt_layout
-from attnkit.interventions.sinks import SINK_DIMS, find_sink_dims, known_sink_dims, llm_key, sink_value
+from attnkit.interventions.sinks import find_sink_dims, known_sink_dims, massive_counts, rank_sink_dims, sink_value
 
 __all__ = ["VAR", "Redistribution", "find_sink_dims", "redistribute"]
 
@@ -59,11 +59,14 @@ class Redistribution:
             self.keep = torch.nn.functional.pad(self.keep, (0, extra), value=1.0)
             self.rest = torch.nn.functional.pad(self.rest, (0, extra))
 
-    def __call__(self, probs: torch.Tensor, edit_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``probs`` [B, H, r, kv] (float32), ``edit_rows`` [B, r] or None (all rows) -> (probs', selected)."""
+    def __call__(self, probs: torch.Tensor, edit_rows: torch.Tensor | None,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``probs`` [B, H, r, kv] (float32) over key columns ``offset ... offset+kv-1`` (a sliding-window cache
+        holds only the last keys), ``edit_rows`` [B, r] or None (all rows) -> (probs', selected)."""
         kv = probs.shape[-1]
-        self.grow(kv)
-        mass = torch.matmul(probs, self.cols[:, :, :kv])                        # [B, H, r, 4]
+        self.grow(offset + kv)
+        keys = slice(offset, offset + kv)
+        mass = torch.matmul(probs, self.cols[:, :, keys])                        # [B, H, r, 4]
         selected = (mass[..., :2] >= self.thresholds).all(-1)
         if edit_rows is not None:
             selected &= edit_rows[:, None, :]
@@ -71,7 +74,7 @@ class Redistribution:
             selected &= mass[..., 3] > 0
         gain = mass[..., 2] / mass[..., 3].clamp_min(torch.finfo(probs.dtype).tiny)   # p * sink / rest
         # a'_ij = a_ij * (1 - p [j in S] + gain_i [j in V \\ S]) on selected rows, a_ij elsewhere
-        factor = torch.addcmul(self.keep[..., :kv], gain.unsqueeze(-1), self.rest[..., :kv])
+        factor = torch.addcmul(self.keep[..., keys], gain.unsqueeze(-1), self.rest[..., keys])
         return torch.where(selected.unsqueeze(-1), probs * factor, probs), selected
 
 
@@ -101,9 +104,16 @@ class VAR(Intervention):
     ``var:p=0.4`` reproduces it. Other code departures we do not copy: strict ``phi > tau``; a layer with
     no visual sink left entirely unedited (here text sinks are still moved, per the equation).
 
-    ``sink_dims``: from :data:`attnkit.interventions.sinks.SINK_DIMS` (keyed by the LLM's model_type,
-    hidden size, layer count and MLP size) or given (``var:sink_dims=458+2570``); for other models find
-    them with :func:`attnkit.find_sink_dims`. Needs post-softmax probabilities: the chosen layers run
+    ``sink_dims``: given (``var:sink_dims=458+2570``), or by default from
+    :data:`attnkit.interventions.sinks.SINK_DIMS` (keyed by the LLM's model_type, hidden size, layer count
+    and MLP size), or ``auto`` (the default for a model off the table): found once, at the first prefill
+    after ``wrap()`` that has images, with :func:`attnkit.find_sink_dims`' rule (the two dimensions with
+    the most valid tokens reaching ``|x[d]|/RMS(x) >= tau``) on the hidden states entering the first edited
+    layer at which any dimension reaches tau — layers before it have no sink under any choice of dims,
+    so the result equals ``var:sink_dims=<found>``; fixed for later requests; ``stats()`` reports them and
+    the layer. If no dimension reaches tau in any edited layer (e.g. a small random model:
+    ``|x[d]|/RMS(x) <= sqrt(hidden)``), nothing is edited and ``stats()`` says so. Needs post-softmax
+    probabilities: the chosen layers run
     eager attention on the rows it edits (prefill: the text after the image, chunked; decode: the new row),
     the other rows keep the model's kernel; a layer without any sink is not touched.
     Identity: ``p=0``.
@@ -114,33 +124,38 @@ class VAR(Intervention):
     rho: float = param(0.5, low=0.0, high=1.0, doc="image-centric head: min non-sink visual share (paper: rho)")
     tau: float = param(20.0, low=0.0, low_open=True, doc="sink threshold on |x[d]|/RMS(x) (paper: tau)")
     min_visual_attention: float = param(0.2, low=0.0, high=1.0, doc="image-centric head: min visual attention")
-    sink_dims: tuple[int, ...] | None = param(None, low=0, doc="sink dimensions (default: the known table)")
+    sink_dims: tuple[int, ...] | str | None = param(None, low=0, doc="sink dimensions d1+d2, or 'auto' (found at "
+                                                    "the first prefill); default: the known table, else auto")
     first_layer: int = param(2, low=0, doc="first edited layer (paper: 2)")
     last_layer: bool = param(False, doc="also edit the last layer (the paper does not)")
     text_sinks: bool = param(True, doc="move attention from text sinks (BOS, ...) too, as the paper's equation")
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.sink_dims, str) and self.sink_dims != "auto":
+            raise ValueError(f"var: sink_dims={self.sink_dims!r} is not allowed; use dimensions (sink_dims=458+2570) "
+                             f"or sink_dims=auto")
         self._sinks: dict[int, torch.Tensor | None] = {}
-        self._dims: tuple[int, ...] = ()
+        self._dims: tuple[int, ...] | None = ()      # None: auto, not found yet
+        self._auto: dict[str, Any] | None = None     # auto: what was found (layer, peak ratio)
         self._counts: dict[int, list[torch.Tensor]] = {}
         self._prep: dict[tuple, tuple | None] = {}
 
     # --- install ------------------------------------------------------------------------------
     def attach(self, ctx) -> None:
         cfg = ctx.adapter.text_config
-        dims = self.sink_dims if self.sink_dims is not None else known_sink_dims(cfg)
-        if dims is None:
-            raise ValueError(f"var: no known sink dimensions for this LLM {llm_key(cfg)} (known: "
-                             f"{', '.join(str(k) for k in SINK_DIMS)}); pass sink_dims=d1+d2, found with "
-                             f"attnkit.find_sink_dims(model, [processor(...), ...])")
-        bad = [d for d in dims if d >= cfg.hidden_size]
-        if bad:
-            raise ValueError(f"var: sink_dims {bad} out of range for hidden size {cfg.hidden_size}; "
-                             f"use dimensions in [0, {cfg.hidden_size})")
-        self._dims = tuple(dims)
+        dims = known_sink_dims(cfg) if self.sink_dims is None else self.sink_dims
+        if dims is None or dims == "auto":
+            self._dims, self._auto = None, {"layer": None, "peak_ratio": 0.0}
+        else:
+            bad = [d for d in dims if d >= cfg.hidden_size]
+            if bad:
+                raise ValueError(f"var: sink_dims {bad} out of range for hidden size {cfg.hidden_size}; "
+                                 f"use dimensions in [0, {cfg.hidden_size})")
+            self._dims = tuple(dims)
         self._state = ctx.state
-        for i in self.attention_layers(ctx):
+        self._layers = self.attention_layers(ctx)
+        for i in self._layers:
             ctx.installed.forward_pre_hook(ctx.adapter.decoder_layers[i], self._sink_hook(i), with_kwargs=True)
 
     def attention_layers(self, ctx) -> list[int]:
@@ -157,12 +172,28 @@ class VAR(Intervention):
             if layout is None or tuple(hidden.shape[:2]) != tuple(layout.visual.shape):
                 self._sinks[layer] = None  # a layout we cannot map to prompt positions
                 return
+            if self._dims is None and bool(layout.visual.any()):
+                self._find_dims(layer, hidden, layout.valid)
+            if not self._dims:   # auto, nothing massive (yet): no sink under any choice of dimensions
+                self._sinks[layer] = torch.zeros_like(layout.valid)
+                return
             sink = (sink_value(hidden, self._dims) >= self.tau) & layout.valid
             if not self.text_sinks:
                 sink &= layout.visual
             self._sinks[layer] = sink
 
         return hook
+
+    def _find_dims(self, layer: int, hidden: torch.Tensor, valid: torch.Tensor) -> None:
+        """``sink_dims=auto`` at the first prefill: :func:`find_sink_dims`' rule on this layer's input; decided at
+        the first edited layer where a dimension reaches tau, or () after the last one."""
+        count, peak = massive_counts(hidden, self.tau, valid)
+        self._auto["peak_ratio"] = max(self._auto["peak_ratio"], float(peak.max()))
+        found = rank_sink_dims(count, peak)
+        if found:
+            self._dims, self._auto["layer"] = found, layer
+        elif layer == self._layers[-1]:
+            self._dims = ()
 
     def reset(self) -> None:
         self._sinks, self._counts, self._prep = {}, {}, {}
@@ -190,10 +221,11 @@ class VAR(Intervention):
         if prep is None:
             return
         layout, redistribution, has_image, all_images = prep
-        kv, q = call.kv_len, call.q_len
-        if kv < layout.length:
+        kv, q, step = call.kv_len, call.q_len, call.state.step
+        offset = layout.key_offset(kv, step)     # > 0: a sliding-window layer's decode keys (the window only)
+        if kv + offset < layout.length:
             return
-        if q == 1 and kv > layout.length:
+        if q == 1 and step > 0:
             # a generated token: edited in every sample with an image
             edit_rows, lo, hi = (None if all_images else has_image), 0, 1
         else:
@@ -209,7 +241,7 @@ class VAR(Intervention):
 
         def edit(rows: slice, probs: torch.Tensor) -> torch.Tensor:
             er = None if edit_rows is None else edit_rows[:, rows]
-            out, selected = redistribution(probs, er)
+            out, selected = redistribution(probs, er, offset)
             if counts is not None:
                 counts.append(selected.sum())
                 counts.append(er.sum() * probs.shape[1])
@@ -233,4 +265,15 @@ class VAR(Intervention):
                 sel, tot = torch.stack(self._counts[layer]).view(-1, 2).sum(0).tolist()
                 entry["image_centric_share"] = sel / tot if tot else 0.0
             layers[layer] = entry
-        return {"sink_dims": list(self._dims), "layers": layers}
+        out: dict[str, Any] = {"sink_dims": None if self._dims is None else list(self._dims), "layers": layers}
+        if self._auto is not None:
+            if self._dims is None:
+                out["sink_dims_auto"] = "not found yet: found at the first prefill with images"
+            elif self._dims:
+                out["sink_dims_auto"] = (f"found at layer {self._auto['layer']} of the first prefill (tokens with "
+                                         f"|x[d]|/RMS(x) >= tau={self.tau})")
+            else:
+                out["sink_dims_auto"] = (f"no hidden dimension reached |x[d]|/RMS(x) >= tau={self.tau} in layers "
+                                         f"{self._layers[0]}..{self._layers[-1]} at the first prefill (largest ratio "
+                                         f"{self._auto['peak_ratio']:.2f}): nothing is edited")
+        return out

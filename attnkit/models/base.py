@@ -16,6 +16,8 @@ class ModelAdapter:
     """
 
     families: dict[str, str] = {}
+    # False: the family's token pruning is not written yet; the token dropper (cls-prune, fastv, vte) refuses it
+    supports_token_dropping: bool = True
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -82,7 +84,6 @@ class ModelAdapter:
     # --- vision capture -------------------------------------------------------------------------
     vision_scores: tuple[str, ...] = ()   # the scores install_vision_capture can deliver; the first is the default
     fixed_visual_tokens: int | None = None  # visual tokens of every image, where the family fixes them (else None)
-    supports_token_dropping: bool = True
 
     def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
         """Hook the vision tower so that each forward calls ``sink(images)``: one dict per image (batch order)
@@ -138,20 +139,47 @@ def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float
     return total / query.shape[-2]
 
 
-def supported_classes() -> list[str]:
+class PruningComing:
+    """Mixin for the families whose token pruning waits for the general vision capture: the pruners
+    (``cls-prune``, ``fastv``, ``vte``) are refused at ``wrap()``, everything else works."""
+
+    supports_token_dropping = False
+    vision_scores: tuple[str, ...] = ("received",)
+
+    def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
+        raise ValueError(f"token pruning (vision scores, dropping visual tokens) is not yet supported on {self.family}")
+
+
+# model classes attnkit knows and refuses, with the reason (a wrong result would be worse than none)
+REFUSED = {
+    name: ("Qwen3.5 is not supported yet: its hybrid decoder interleaves Gated DeltaNet (linear-attention) layers, "
+           "which have no attention probabilities or mask for attnkit's interventions to edit")
+    for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+}
+
+
+def _adapters() -> tuple[type[ModelAdapter], ...]:
+    from attnkit.models.gemma3 import Gemma3Adapter
+    from attnkit.models.internvl import InternVLAdapter
     from attnkit.models.llava import LlavaAdapter
+    from attnkit.models.llava_onevision import LlavaOnevisionAdapter
+    from attnkit.models.qwen3_vl import Qwen3VLAdapter
     from attnkit.models.qwen_vl import QwenVLAdapter
 
-    return [name for a in (LlavaAdapter, QwenVLAdapter) for name in a.families]
+    return (LlavaAdapter, QwenVLAdapter, Qwen3VLAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter)
+
+
+def supported_classes() -> list[str]:
+    return [name for a in _adapters() for name in a.families]
 
 
 def get_adapter(model) -> ModelAdapter:
     """The adapter for ``model``; ``TypeError`` naming its class and the supported ones otherwise."""
-    from attnkit.models.llava import LlavaAdapter
-    from attnkit.models.qwen_vl import QwenVLAdapter
-
     name = type(model).__name__
-    for adapter in (LlavaAdapter, QwenVLAdapter):
+    for adapter in _adapters():
         if name in adapter.families:
             return adapter(model)
+    if name in REFUSED:
+        raise TypeError(f"attnkit does not support {name}: {REFUSED[name]}; supported model classes: "
+                        f"{', '.join(supported_classes())}")
     raise TypeError(f"attnkit does not support {name}; supported model classes: {', '.join(supported_classes())}")
