@@ -68,7 +68,12 @@ def _run(model, inputs, specs, decode: int, repeats: int, device, clock=time.per
                 samples[spec]["llm"].append(llm)
                 samples[spec]["decode"].append(dec)
                 name = spec.split(":")[0]
-                stats[spec] = {"visual": (st.get(name, {}).get("visual_tokens_kept") or st["visual_tokens"])[0],
+                own = st.get(name, {})
+                stages = own.get("stages") or ([{"from_layer": own["from_layer"],
+                                                 "visual_tokens_kept": own["visual_tokens_kept"]}]
+                                               if "from_layer" in own else [])
+                stats[spec] = {"visual": (own.get("visual_tokens_kept") or st["visual_tokens"])[0],
+                               "stages": [(s["from_layer"], s["visual_tokens_kept"][0]) for s in stages],
                                "kv": kv, "peak": peak}
     return {spec: {k: statistics.median(v) for k, v in samples[spec].items()} | stats[spec] for spec in specs}
 
@@ -107,16 +112,39 @@ def _kv_bytes(model, inputs) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def equal_budget_specs(k: int, n_visual: int, layers: int) -> list[str]:
+    """The seven-method comparison at ``k`` of ``n_visual`` tokens: the tokens the LLM keeps after each method's
+    last stage (VisionZip 54:10 dominant:contextual; DART's count is pivots + 8·⌊k/8⌋; PyramidDrop's λ with
+    ⌊N λ³⌋ = k; SparseVLM's setting whose last budget is k)."""
+    r = k / n_visual
+    dominant = round(k * 54 / 64)
+    lam = (k / n_visual) ** (1 / 3) + 1e-4
+    setting = round(k * 192 * 576 / (110 * n_visual))
+    return [f"cls-prune:keep={k}", f"fastv:k=2,keep={r:.4g}",
+            f"visionzip:dominant={dominant},contextual={k - dominant}",
+            f"dart:k=2,keep={k}", f"pyramiddrop:ratio={lam:.4g}", f"sparsevlm:keep={setting}",
+            f"cls-prune:keep={k},score=random"]
+
+
+def mean_length(length: int, n_visual: int, stages: list[tuple[int, int]], layers: int) -> float:
+    """The sequence length the LLM's layers see on average: full before the first stage, then each stage's."""
+    per_layer = []
+    for i in range(layers):
+        kept = n_visual
+        for start, n in stages:
+            if start <= i:
+                kept = n
+        per_layer.append(length - n_visual + kept)
+    return sum(per_layer) / layers
+
+
 def table(family: str, size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
     size = SIZES[size_name]
     model = testing.tiny_model(family, size=size, dtype=dtype).to(device)
     model.generation_config.eos_token_id = None
     inputs = _inputs(family, size, device)
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    specs = ["baseline"] + [f"cls-prune:keep={k / n_visual:.4g}" for k in KEEPS[1:]] + \
-            [f"fastv:k=2,keep={k / n_visual:.4g}" for k in KEEPS[1:]]
-    if family == "llava":
-        specs[1:4] = [f"cls-prune:keep={k}" for k in KEEPS[1:]]
+    specs = ["baseline"] + [spec for k in KEEPS[1:] for spec in equal_budget_specs(k, n_visual, size.layers)]
     res = _run(model, inputs, specs, decode, repeats, device, clock)
     base = res["baseline"]
     length = inputs["input_ids"].shape[1]
@@ -126,10 +154,7 @@ def table(family: str, size_name: str, decode: int, repeats: int, device, dtype,
           "LLM speed-up | ideal | achieved/ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for spec, r in res.items():
-        kept_len = length - (n_visual - r["visual"])
-        if spec.startswith("fastv"):  # layers < k see all tokens
-            k = 2
-            kept_len = (k * length + (size.layers - k) * kept_len) / size.layers
+        kept_len = mean_length(length, n_visual, r["stages"], size.layers)
         speed = base["llm"] / r["llm"]
         ideal = length / kept_len
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"

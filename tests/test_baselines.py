@@ -106,7 +106,8 @@ def test_visionzip_equals_model_on_kept_and_merged_rows(tiny, family):
     newline = getattr(model.model, "image_newline", None)
     n_newline = [0 if newline is None else int((r == newline.to(r)).all(-1).sum())
                  for r in testing.image_feature_rows(model, inputs)]
-    assert stats["visual_tokens_kept"] == [7 + m for m in n_newline] and stats["merged_tokens"] == [3, 3, 3]
+    assert stats["visual_tokens_kept"] == [7 + m for m in n_newline]
+    assert stats["merged_tokens"] == [3, 3, 3]
     rows = [{int(t): seen["embeds"][b, i] for i, t in enumerate(plan.index[b].tolist()) if t in stats["kept_positions"][b]}
             for b in range(3)]
     ref, cols = testing.reference_on_kept(model, inputs, stats["kept_positions"], rows=rows)
