@@ -108,8 +108,8 @@ def test_visionzip_equals_model_on_kept_and_merged_rows(tiny, family):
                  for r in testing.image_feature_rows(model, inputs)]
     assert stats["visual_tokens_kept"] == [7 + m for m in n_newline]
     assert stats["merged_tokens"] == [3, 3, 3]
-    rows = [{int(t): seen["embeds"][b, i] for i, t in enumerate(plan.index[b].tolist()) if t in stats["kept_positions"][b]}
-            for b in range(3)]
+    rows = [{int(t): seen["embeds"][b, i] for i, t in enumerate(plan.index[b].tolist())
+             if t in stats["kept_positions"][b]} for b in range(3)]
     ref, cols = testing.reference_on_kept(model, inputs, stats["kept_positions"], rows=rows)
     valid = torch.gather(inputs["attention_mask"], 1, cols).bool()
     got = torch.gather(pruned, 1, cols[..., None].expand(-1, -1, pruned.shape[-1]))
