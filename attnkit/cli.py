@@ -5,6 +5,7 @@
     attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
     attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/
     attnkit calibrate vhr --model PATH --data DIR --out heads.json [--set alpha=1.5]
+    attnkit lmms-task --data DIR --out tasks/ [--limit N]   # a local lmms-eval POPE task (--include_path tasks/)
     attnkit list
 """
 
@@ -294,6 +295,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0 if result is None or result is not False else 1
 
 
+def _cmd_lmms_task(args: argparse.Namespace) -> int:
+    from attnkit.integrations.lmms_eval_tasks import write_pope_task
+
+    data = Path(args.data) if args.data else _demo()[1]
+    if not data.is_dir():
+        raise UsageError(f"--data {str(data)!r} is not a directory")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    post = None if args.post_prompt is None else args.post_prompt.replace("\\n", "\n")
+    path = write_pope_task(data, args.out, task=args.task, limit=args.limit, splits=splits, post_prompt=post)
+    print(f"wrote {path} and {path.with_suffix('.parquet').name}; run it with: lmms-eval --model attnkit "
+          f"--include_path {Path(args.out)} --tasks {args.task} --model_args pretrained=MODEL")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from attnkit.interventions import available
     from attnkit.models import supported_classes
@@ -384,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of the method's calibrate(), e.g. max_kl=0.02 (vte) or alpha=1.5 (vhr)")
     _add_model_args(p)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("lmms-task", help="write a local lmms-eval POPE task (parquet + YAML) from POPE files")
+    p.add_argument("--data", help="POPE folder in the published format (default: the embedded demo's)")
+    p.add_argument("--out", required=True, help="folder for the task; pass it to lmms-eval as --include_path")
+    p.add_argument("--task", default="attnkit_pope", help="task name (default attnkit_pope)")
+    p.add_argument("--limit", type=_positive_int, help="first N questions of each split")
+    p.add_argument("--splits", help="comma-separated splits (default: all found)")
+    p.add_argument("--post-prompt", help="replaces lmms-eval's \"\\nAnswer the question using a single word or "
+                                         "phrase.\" (\"\" for none)")
+    p.set_defaults(func=_cmd_lmms_task)
 
     p = sub.add_parser("list", help="registered interventions, supported models, benchmarks")
     p.set_defaults(func=_cmd_list)
