@@ -77,9 +77,10 @@ def _hash(obj: Any) -> str:
 def image_digest(image: Any) -> str:
     """SHA-256 of an image's mode, size and pixels (a PIL image) or of a file's content (a path)."""
     if isinstance(image, (str, Path)):
-        from attnkit.eval.fingerprint import HashCache
-
-        return HashCache().file_hash(image) or f"missing:{image}"
+        try:
+            return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+        except OSError:
+            return f"unreadable:{image}"
     h = hashlib.sha256(f"{image.mode}|{image.size}|".encode())
     h.update(image.tobytes())
     return h.hexdigest()
