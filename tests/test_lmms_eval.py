@@ -265,8 +265,12 @@ def fake_lmms_eval(monkeypatch):
             "lmms_eval.models.registry_v2": types.SimpleNamespace(ModelManifest=ModelManifest)}
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.lmms_eval_model", raising=False)
-    return mods
+    plugin = "attnkit.integrations.lmms_eval_model"
+    real = sys.modules.pop(plugin, None)
+    yield mods
+    sys.modules.pop(plugin, None)              # the plugin imported here subclasses the fakes: never keep it
+    if real is not None:
+        sys.modules[plugin] = real
 
 
 def test_entry_point_manifest_names_an_importable_chat_class(fake_lmms_eval, model_dir, tmp_path):
