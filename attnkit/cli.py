@@ -5,6 +5,7 @@
     attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
     attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/
     attnkit calibrate vhr --model PATH --data DIR --out heads.json [--set alpha=1.5]
+    attnkit lmms-task --data DIR --out tasks/ [--limit N]   # a local lmms-eval POPE task (--include_path tasks/)
     attnkit list
 """
 
@@ -82,11 +83,30 @@ def _device_map(device: str) -> str | None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return None
+    if device.startswith("cuda") or device == "map":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu or auto (or install a CUDA build of torch)")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UsageError(f"--device {device}: no such GPU; allowed: cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device == "map":
         return "auto"                   # accelerate spreads one model over the visible GPUs
+    if not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or map")
     return device
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number (1 or more)")
+    return value
 
 
 def _demo():
@@ -198,14 +218,22 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
                               retry_errors=args.retry_errors, progress=not args.no_progress)
     if not results:                       # a non-zero rank of a data-parallel run
         return 0
-    text = report.write_report(out, plots=not args.no_plots)
+    plots = not args.no_plots
+    if plots and not report.plots_available():
+        print(f"attnkit: {report.PLOTS_NOTE}", file=sys.stderr)
+        plots = False
+    text = report.write_report(out, plots=plots)
     print(text.split("\n![", 1)[0].rstrip())
     print(f"\nrows, summary.json and report.md in {out}/")
-    failed = [(r.config, r.n_errors, r.errors[0]["error"]) for r in results if r.n_errors]
-    for config, n, first in failed:
-        print(f"attnkit: warning: {config}: {n} sample(s) failed (error rows), e.g. {first}", file=sys.stderr)
-    if all(r.n == 0 for r in results):
-        print("attnkit: error: every sample failed; see the error rows", file=sys.stderr)
+    for r in results:
+        if r.n_errors:
+            print(f"attnkit: warning: {r.config}: {r.n_errors} of {r.n + r.n_errors} sample(s) failed (error rows in "
+                  f"{Path(r.path).name}), e.g. {r.errors[0]['error']}; fix the cause and rerun with --retry-errors "
+                  "to redo them", file=sys.stderr)
+    dead = [r.config for r in results if r.n == 0]
+    if dead:
+        print(f"attnkit: error: every sample failed for {', '.join(dead)}; no metric for "
+              f"{'it' if len(dead) == 1 else 'them'} (see the warnings above)", file=sys.stderr)
         return 1
     return 0
 
@@ -227,6 +255,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from attnkit.eval.runner import split_specs
     from attnkit.models.prompts import open_image
 
+    if not report.plots_available():
+        raise UsageError("attnkit inspect draws PNGs with matplotlib, which is not installed; "
+                         "pip install 'attnkit[eval]' adds it")
     model_path = Path(args.model) if args.model else _demo()[0]
     image = open_image(args.image)
     layers = None
@@ -262,6 +293,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     result = cls.calibrate(model, processor, samples, Path(args.out), **options)
     print(f"calibrated {args.name} on {len(samples)} samples -> {args.out}")
     return 0 if result is None or result is not False else 1
+
+
+def _cmd_lmms_task(args: argparse.Namespace) -> int:
+    from attnkit.integrations.lmms_eval_tasks import write_pope_task
+
+    data = Path(args.data) if args.data else _demo()[1]
+    if not data.is_dir():
+        raise UsageError(f"--data {str(data)!r} is not a directory")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    post = None if args.post_prompt is None else args.post_prompt.replace("\\n", "\n")
+    path = write_pope_task(data, args.out, task=args.task, limit=args.limit, splits=splits, post_prompt=post)
+    print(f"wrote {path} and {path.with_suffix('.parquet').name}; run it with: lmms-eval --model attnkit "
+          f"--include_path {Path(args.out)} --tasks {args.task} --model_args pretrained=MODEL")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -300,11 +345,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", default="pope", help="benchmark name (see `attnkit list`; default pope)")
     p.add_argument("--data", help="benchmark data folder (published format)")
     p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>); rerunning resumes")
-    p.add_argument("--limit", type=int, help="first N samples of each split")
+    p.add_argument("--limit", type=_positive_int, help="first N samples of each split")
     p.add_argument("--splits", help="comma-separated splits (default: all found)")
     p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",
                    help="benchmark option, e.g. image_dir=/data/coco/val2014 (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation budget")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="override the benchmark's generation budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", choices=["4bit", "8bit"], help="bitsandbytes quantization")
     p.add_argument("--retry-errors", action="store_true", help="redo samples recorded as errors")
@@ -354,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of the method's calibrate(), e.g. max_kl=0.02 (vte) or alpha=1.5 (vhr)")
     _add_model_args(p)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("lmms-task", help="write a local lmms-eval POPE task (parquet + YAML) from POPE files")
+    p.add_argument("--data", help="POPE folder in the published format (default: the embedded demo's)")
+    p.add_argument("--out", required=True, help="folder for the task; pass it to lmms-eval as --include_path")
+    p.add_argument("--task", default="attnkit_pope", help="task name (default attnkit_pope)")
+    p.add_argument("--limit", type=_positive_int, help="first N questions of each split")
+    p.add_argument("--splits", help="comma-separated splits (default: all found)")
+    p.add_argument("--post-prompt", help="replaces lmms-eval's \"\\nAnswer the question using a single word or "
+                                         "phrase.\" (\"\" for none)")
+    p.set_defaults(func=_cmd_lmms_task)
 
     p = sub.add_parser("list", help="registered interventions, supported models, benchmarks")
     p.set_defaults(func=_cmd_list)

@@ -72,7 +72,8 @@ def test_pope_corrupt_and_missing_images_are_error_rows(models, tmp_path, capsys
     assert sum("error" in r for r in rows.values()) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())["results"][0]
     assert (summary["n"], summary["n_errors"]) == (8, 2)
-    assert "2 sample(s) failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 of 10 sample(s) failed" in err and "rerun with --retry-errors" in err
     # rerun: nothing to do, same table
     assert cli.main(args) == 0
     assert len(_rows(tmp_path, "baseline")) == 10
@@ -267,3 +268,106 @@ def test_list_names_interventions_models_benchmarks(capsys):
     for needle in ("interventions:", "  record ", "LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                    "benchmarks:", "  pope ", "  chair ", "  mme ", "  amber "):
         assert needle in out
+
+
+# --- what cannot work fails before the run, with one clear line (issue #13, item 2) -------------------
+def _pope_dir(tmp_path: Path, text: str) -> Path:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "pope" / "images", data / "images")
+    (data / "coco_pope_random.json").write_text(text)
+    return data
+
+
+def _one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit: error: ") and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_config_whose_every_sample_fails_exits_non_zero(models, tmp_path, capsys, monkeypatch):
+    from attnkit.eval import runner
+
+    real = runner.generate_one
+
+    def broken_when_wrapped(model, processor, handle, *a, **k):
+        if handle.interventions:
+            raise RuntimeError("this intervention cannot run here")
+        return real(model, processor, handle, *a, **k)
+
+    monkeypatch.setattr(runner, "generate_one", broken_when_wrapped)
+    args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "1",
+            "--compare", "record:layers=0", "--out", str(tmp_path), *FAST]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "every sample failed for record:layers=0" in err and "this intervention cannot run here" in err
+
+
+def test_cuda_on_a_torch_without_cuda_is_one_line(models, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--out", str(tmp_path),
+            "--no-progress", "--device", "cuda"]
+    assert cli.main(args) == 2
+    _one_line_error(capsys, "--device cuda: this torch")
+    assert cli.main([*args[:-1], "gpu"]) == 2
+    _one_line_error(capsys, "--device 'gpu': use auto, cpu, cuda, cuda:N or map")
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--limit"])
+def test_non_positive_counts_are_refused(flag, models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: 0 must be a positive number" in capsys.readouterr().err
+
+
+def test_empty_and_json_array_pope_files_are_named(models, tmp_path, capsys):
+    base = ["eval", "--model", str(models["llava"]), "--out", str(tmp_path / "out"), *FAST]
+    data = _pope_dir(tmp_path / "empty", "\n")
+    assert cli.main([*base, "--data", str(data)]) == 2
+    _one_line_error(capsys, "coco_pope_random.json: has no questions")
+    rows = [{"question_id": 1, "image": "red.png", "text": "Is there a cat?", "label": "yes"}]
+    data = _pope_dir(tmp_path / "array", json.dumps(rows, indent=1))
+    assert cli.main([*base, "--data", str(data)]) == 2
+    _one_line_error(capsys, "coco_pope_random.json:1: is a JSON array; this file must be JSON lines")
+
+
+def test_a_truncated_jpeg_error_row_names_the_file(models, tmp_path, capsys):
+    import io
+
+    buf = io.BytesIO()
+    testing.tiny_image(1, 64, 64).save(buf, format="JPEG")
+    line = {"question_id": 1, "image": "cut.jpg", "text": "Is there a cat?", "label": "yes"}
+    data = _pope_dir(tmp_path, json.dumps(line) + "\n" + json.dumps({**line, "question_id": 2, "image": "green.png"}))
+    (data / "images" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert cli.main(["eval", "--model", str(models["llava"]), "--data", str(data), "--out", str(tmp_path / "o"),
+                     *FAST]) == 0
+    rows = {r["id"]: r for r in _rows(tmp_path / "o", "baseline")}
+    assert str(data / "images" / "cut.jpg") in rows["random/1"]["error"] and "truncated" in rows["random/1"]["error"]
+    assert "prediction" in rows["random/2"]
+
+
+def test_an_unwritable_out_is_one_line_before_the_model_loads(models, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(DATA / "pope"),
+                     "--out", str(tmp_path / "file" / "out"), *FAST]) == 2
+    _one_line_error(capsys, f"output folder '{tmp_path / 'file' / 'out'}' is not writable")
+
+
+def test_eval_runs_without_matplotlib(models, tmp_path):
+    """The core install has no matplotlib: the report is written without plots, with a one-line note."""
+    import os
+    import subprocess
+
+    argv = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "1",
+            "--out", str(tmp_path), *[a for a in FAST if a != "--no-plots"]]
+    code = f"import sys; sys.modules['matplotlib'] = None; from attnkit import cli; sys.exit(cli.main({argv!r}))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "plots skipped: matplotlib is not installed (pip install 'attnkit[eval]' adds it)" in done.stderr
+    assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))

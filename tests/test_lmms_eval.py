@@ -145,13 +145,92 @@ def test_interventions_are_installed_and_key_the_store(model_dir, tmp_path):
         adapter.parse_interventions("record;nope:keep=64")
 
 
-def test_model_args_and_batch_size_as_lmms_eval_passes_them():
+def test_model_args_and_batch_size_as_lmms_eval_passes_them(capsys, monkeypatch):
     kw = adapter.generator_kwargs({"pretrained": "/m", "interventions": '"var;cls-prune:keep=64"', "batch_size": "1",
-                                   "dtype": "bfloat16"})
+                                   "max_batch_size": 8, "dtype": "bfloat16"})
     assert kw == {"pretrained": "/m", "interventions": "var;cls-prune:keep=64", "dtype": "bfloat16"}
     with pytest.raises(ValueError, match=r"unknown model_args \['method'\]"):
         adapter.generator_kwargs({"pretrained": "/m", "method": "var"})
-    assert adapter.batch_size_of("1") == 1 and adapter.batch_size_of("auto") == 1 and adapter.batch_size_of(4) == 1
+    # an unquoted two-parameter spec, as lmms-eval's comma split hands it over: the error says how to quote it
+    with pytest.raises(ValueError, match=r"unknown model_args \['keep'\].*quote the spec: --model_args "
+                                         r"'pretrained=PATH,interventions=\"fastv:k=2,keep=0.5\"'"):
+        adapter.generator_kwargs({"pretrained": "/m", "interventions": "fastv:k=2", "keep": 0.5})
+    monkeypatch.setattr(adapter, "_said_batch_size", False)
+    assert adapter.batch_size_of("1") == 1 and adapter.batch_size_of("auto") == 1
+    assert capsys.readouterr().err == ""
+    assert adapter.batch_size_of("4") == 1 and adapter.batch_size_of(8) == 1
+    err = capsys.readouterr().err
+    assert err.count("ignored") == 1 and "batch_size=4 ignored" in err and "one sample at a time" in err
+    with pytest.raises(ValueError, match="batch_size='many': give a positive integer or auto"):
+        adapter.batch_size_of("many")
+
+
+def test_the_store_is_keyed_by_the_request_content_not_the_task_name(model_dir, tmp_path):
+    docs = _docs()
+    gen = _generator(model_dir, tmp_path)
+    try:
+        first = gen.generate_until([r.args for r in _requests({"max_new_tokens": 4}, [0, 1])], {TASK: {SPLIT: docs}})
+        gen.model.generate = _raise
+        # the same task name, split, doc ids and gen kwargs on other data: not served from the store
+        other = [{"image": testing.tiny_image(50 + i), "question": d["question"]} for i, d in enumerate(docs)]
+        assert gen.generate_until([r.args for r in _requests({"max_new_tokens": 4}, [0])],
+                                  {TASK: {SPLIT: other}}) == [("", None)]
+        reworded = [{**d, "question": d["question"] + " answer yes or no"} for d in docs]
+        assert gen.generate_until([r.args for r in _requests({"max_new_tokens": 4}, [1])],
+                                  {TASK: {SPLIT: reworded}}) == [("", None)]
+        # the same content is
+        again = gen.generate_until([r.args for r in _requests({"max_new_tokens": 4}, [0, 1])], {TASK: {SPLIT: docs}})
+        assert again == first
+    finally:
+        del gen.model.generate
+        gen.close()
+
+
+def test_failures_are_counted_and_printed_and_strict_raises(model_dir, tmp_path, capsys):
+    docs = _docs()
+    docs[2] = {"image": None, "question": "broken"}                        # doc_to_messages fails on it
+    gen = _generator(model_dir, tmp_path)
+    try:
+        out = gen.generate_until([r.args for r in _requests({"max_new_tokens": 2}, [0, 2, 1])], {TASK: {SPLIT: docs}})
+        assert [t == "" for t, _ in out] == [False, True, False]
+        assert len(gen.failures) == 1 and f"{TASK}/{SPLIT} doc 2 failed" in gen.failures[0]
+        err = capsys.readouterr().err
+        assert 'attnkit: 1 of 3 request(s) failed and were answered ""' in err and "strict=true" in err
+    finally:
+        gen.close()
+    strict = adapter.AttnkitGenerator(str(model_dir), output_dir=str(tmp_path), strict="true")
+    try:
+        with pytest.raises(adapter.SampleFailures) as failure:
+            strict.generate_until([r.args for r in _requests({"max_new_tokens": 2}, [0, 2, 1])],
+                                  {TASK: {SPLIT: docs}})
+        assert isinstance(failure.value, SystemExit) and "doc 2 failed" in str(failure.value.code)
+    finally:
+        strict.close()
+    with pytest.raises(ValueError, match="strict='maybe': use true or false"):
+        adapter.AttnkitGenerator(str(model_dir), output_dir=str(tmp_path), strict="maybe")
+
+
+def test_each_process_of_a_multi_process_run_writes_its_own_store(model_dir, tmp_path):
+    docs = _docs()
+    ranks = [adapter.AttnkitGenerator(str(model_dir), output_dir=str(tmp_path), rank=r, world_size=2)
+             for r in range(2)]
+    try:
+        for r, gen in enumerate(ranks):
+            gen.generate_until([x.args for x in _requests({"max_new_tokens": 2}, [r, r + 2])], {TASK: {SPLIT: docs}})
+        paths = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+        assert paths == [f"{TASK}__{ranks[0].config_hash}.rank0.jsonl", f"{TASK}__{ranks[0].config_hash}.rank1.jsonl"]
+    finally:
+        for gen in ranks:
+            gen.close()
+    single = _generator(model_dir, tmp_path)                     # a later 1-process run serves both ranks' rows
+    try:
+        single.model.generate = _raise
+        out = single.generate_until([x.args for x in _requests({"max_new_tokens": 2}, [0, 1, 2, 3])],
+                                    {TASK: {SPLIT: docs}})
+        assert all(t != "" for t, _ in out)
+    finally:
+        del single.model.generate
+        single.close()
 
 
 @pytest.fixture
@@ -186,8 +265,12 @@ def fake_lmms_eval(monkeypatch):
             "lmms_eval.models.registry_v2": types.SimpleNamespace(ModelManifest=ModelManifest)}
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, "attnkit.integrations.lmms_eval_model", raising=False)
-    return mods
+    plugin = "attnkit.integrations.lmms_eval_model"
+    real = sys.modules.pop(plugin, None)
+    yield mods
+    sys.modules.pop(plugin, None)              # the plugin imported here subclasses the fakes: never keep it
+    if real is not None:
+        sys.modules[plugin] = real
 
 
 def test_entry_point_manifest_names_an_importable_chat_class(fake_lmms_eval, model_dir, tmp_path):
@@ -197,8 +280,10 @@ def test_entry_point_manifest_names_an_importable_chat_class(fake_lmms_eval, mod
     cls = getattr(importlib.import_module(module), name)
     assert issubclass(cls, fake_lmms_eval["lmms_eval.api.model"].lmms) and cls.is_simple is False
 
-    model = cls(pretrained=str(model_dir), batch_size="1", interventions="record:layers=1", output_dir=str(tmp_path))
+    model = cls(pretrained=str(model_dir), batch_size="1", max_batch_size=4, interventions="record:layers=1",
+                output_dir=str(tmp_path))
     try:
+        assert model.device == model.generator.model.device      # lmms-eval gathers rank tensors on it
         model.task_dict = {TASK: {SPLIT: _docs()}}
         out = model.generate_until(_requests({"max_new_tokens": 3, "until": ["</s>"]}, [1, 0]))
         assert [r.text for r in out] == [_reference(model.generator, _docs()[i], 3) for i in (1, 0)]

@@ -258,3 +258,125 @@ def test_a_config_that_cannot_wrap_fails_before_any_generation(tiny_dir, loaded,
     with pytest.raises(ValueError, match="config 'record:layers=99' cannot run on this model: record: layer 99"):
         _evaluate(tiny_dir, loaded, tmp_path, configs=["baseline", "record:layers=99"], after_sample=calls.append)
     assert calls == [] and not list(tmp_path.glob("*.jsonl"))
+
+
+# --- what keys a row file (issue #13, item 1) ---------------------------------------------------------
+class OptionBench(FakeBench):
+    """FakeBench with benchmark options (as the real benchmarks have) and a `limit`."""
+
+    def __init__(self, root: Path, limit: int | None = None, **options):
+        super().__init__(root, corrupt=False)
+        self.options = {"prompt_suffix": "", **options}
+        self.limit, self.splits = limit, None
+
+    def samples(self) -> list[FakeSample]:
+        out = [FakeSample(s.id, s.image, s.question + self.options["prompt_suffix"], s.answer, s.split)
+               for s in super().samples()]
+        return out[: self.limit] if self.limit else out
+
+
+def _data_dir(root: Path, seed: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        testing.tiny_image(seed + i).save(root / f"img{i}.png")
+    return root
+
+
+def _run_counted(bench, loaded, out, model_dir, configs=("baseline",)):
+    model, processor = loaded
+    generated, lines = [], []
+    results = runner.evaluate(bench, list(configs), out, RunSettings(str(model_dir)), model=model, processor=processor,
+                              progress=False, after_sample=lambda r: generated.append(r["id"]), log=lines.append)
+    return results, generated, lines
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_other_data_with_the_same_ids_is_not_served_from_the_folder(tiny_dir, loaded, tmp_path, cache_dir):
+    a, b = _data_dir(tmp_path / "a", 100), _data_dir(tmp_path / "b", 200)
+    out = tmp_path / "out"
+    _, first, _ = _run_counted(OptionBench(a), loaded, out, tiny_dir / "model")
+    assert first == [f"s{i}" for i in range(6)]
+    (res,), second, lines = _run_counted(OptionBench(b), loaded, out, tiny_dir / "model")
+    assert second == first                                 # every sample generated again, on b's images
+    (fresh,), _, _ = _run_counted(OptionBench(b), loaded, tmp_path / "fresh", tiny_dir / "model")
+    assert [r["prediction"] for r in _rows(res.path)] == [r["prediction"] for r in _rows(fresh.path)]
+    assert res.metrics == fresh.metrics
+    (line,) = lines
+    assert "starting fresh" in line and "another key" in line and "data" in line
+    # a copy of b (new path and inode, same content) is the same data: resumed, nothing generated
+    import shutil
+
+    shutil.copytree(b, tmp_path / "b_copy")
+    _, third, lines = _run_counted(OptionBench(tmp_path / "b_copy"), loaded, out, tiny_dir / "model")
+    assert third == [] and lines and lines[0].startswith("attnkit: fake baseline: resuming 6 row(s)")
+
+
+def test_weights_changed_in_place_are_not_served_from_the_folder(tiny_dir, loaded, tmp_path, cache_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", model_dir)
+    out = tmp_path / "out"
+    _run_counted(OptionBench(tiny_dir), loaded, out, model_dir)
+    _, again, _ = _run_counted(OptionBench(tiny_dir), loaded, out, model_dir)
+    assert again == []                                     # unchanged weights: resumed
+    weights = model_dir / "model.safetensors"
+    state, size = load_file(weights), weights.stat().st_size
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights,
+              metadata={"format": "pt"})                   # same names, shapes and size: "retrained in place"
+    new = load_file(weights)
+    assert weights.stat().st_size == size and not all(torch.equal(new[k], state[k]) for k in state)
+    _, redone, lines = _run_counted(OptionBench(tiny_dir), loaded, out, model_dir)
+    assert redone == [f"s{i}" for i in range(6)]
+    assert "weights" in lines[0] and "data" not in lines[0].split("differs in", 1)[1]
+
+
+def test_a_changed_benchmark_option_is_a_new_key_and_limit_is_not(tiny_dir, loaded, tmp_path, cache_dir):
+    out = tmp_path / "out"
+    _, first, _ = _run_counted(OptionBench(tiny_dir, limit=3), loaded, out, tiny_dir / "model")
+    assert first == ["s0", "s1", "s2"]
+    _, more, lines = _run_counted(OptionBench(tiny_dir), loaded, out, tiny_dir / "model")
+    assert more == ["s3", "s4", "s5"] and lines == ["attnkit: fake baseline: resuming 3 row(s) of "
+                                                    + lines[0].rsplit(" ", 1)[1]]
+    _, suffixed, lines = _run_counted(OptionBench(tiny_dir, prompt_suffix=" answer yes or no"), loaded, out,
+                                      tiny_dir / "model")
+    assert suffixed == [f"s{i}" for i in range(6)]
+    assert "starting fresh" in lines[0] and "options" in lines[0]
+
+
+def test_content_hash_cache_rehashes_copies_and_edits_not_unchanged_files(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from attnkit.eval import fingerprint
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x" * 1000)
+    cache = fingerprint.HashCache(tmp_path / "cache.json")
+    h = cache.file_hash(f)
+    cache.save()
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
+    again = fingerprint.HashCache(tmp_path / "cache.json")
+    assert again.file_hash(f) == h and str(f) not in reads          # unchanged: from the cache, not re-read
+    monkeypatch.undo()
+    st = f.stat()
+    g = tmp_path / "copy.bin"
+    g.write_bytes(b"y" * 1000)                                        # other content, same size and mtime
+    os.utime(g, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert again.file_hash(g) != h
+    shutil.copy2(f, tmp_path / "same.bin")
+    assert again.file_hash(tmp_path / "same.bin") == h
+    f.write_bytes(b"z" * 1000)                                        # edited in place: new mtime
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert again.file_hash(f) != h
+    assert again.file_hash(tmp_path / "missing") is None

@@ -176,13 +176,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+PLOTS_NOTE = "plots skipped: matplotlib is not installed (pip install 'attnkit[eval]' adds it)"
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported (it is the ``eval`` extra, not a core dependency)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(out_dir: str | Path, summary: Mapping[str, Any] | None = None, plots: bool = True) -> str:
-    """Write ``report.md`` (and the plots) in ``out_dir`` from ``summary`` or its ``summary.json``; returns the text."""
+    """Write ``report.md`` (and the plots, if matplotlib is installed) in ``out_dir`` from ``summary`` or its
+    ``summary.json``; returns the text."""
     out_dir = Path(out_dir)
     if summary is None:
         summary = json.loads((out_dir / "summary.json").read_text())
     text = markdown(summary)
-    pngs = plot(summary, out_dir) if plots else []
+    pngs = plot(summary, out_dir) if plots and plots_available() else []
     if pngs:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     (out_dir / "report.md").write_text(text)

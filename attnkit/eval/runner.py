@@ -1,7 +1,11 @@
 """The eval runner: one model load, the same samples / seed / greedy decoding for the baseline and each config.
 
 Each (benchmark, config) writes one JSONL in the output folder, ``{bench}__{label}__{hash}.jsonl``, where the
-hash covers the model path, the interventions, the decoding, dtype/quantization and the attnkit version.
+hash covers everything that decides a row: the interventions, the benchmark and its options, the data (every
+sample's question, answer and the content of the image it reads, before ``limit``/``splits``), the model folder's
+content (weights, config, tokenizer, chat template; see :mod:`attnkit.eval.fingerprint`), the processor's chat
+template, the decoding, dtype/quantization and the attnkit version. Rows of another key in the same folder are
+never served; the run says in one line whether it resumes or starts fresh next to them.
 Rows are appended, flushed and fsync'ed one sample at a time, so a killed run resumes where it stopped: ids
 already in the file are skipped, a torn last line is dropped. A sample that fails (unreadable image, an
 exception in generate) becomes ``{"id": ..., "error": ...}`` and the run goes on; error rows are retried
@@ -19,10 +23,12 @@ during ``generate()`` (``/proc/self/statm`` polled every 20 ms; a lower bound, i
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +38,7 @@ from typing import Any
 
 import torch
 
+from attnkit.eval.fingerprint import HashCache, digest, folder_fingerprint, options_fingerprint, samples_fingerprint
 from attnkit.models.prompts import build_inputs, open_image
 
 BASELINE = "baseline"
@@ -64,22 +71,34 @@ class RunSettings:
     dtype: str = "auto"
     quantization: str | None = None
 
+    def __post_init__(self):
+        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool)
+                                                or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be a positive integer (or None for the "
+                             "benchmark's budget)")
+
 
 @dataclass(frozen=True)
 class RunKey:
+    """What decides a row. ``fingerprints``: ``data``, ``options``, ``weights``, ``template`` (see
+    :func:`fingerprints`); each is part of :meth:`digest`."""
+
     bench: str
     config: str           # canonical
     settings: RunSettings
     max_new_tokens: int
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
 
-    def digest(self) -> str:
+    def payload(self) -> dict[str, Any]:
         import attnkit
 
-        payload = {"bench": self.bench, "config": self.config, "model": str(Path(self.settings.model_path).resolve()),
-                   "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens, "seed": self.settings.seed},
-                   "dtype": self.settings.dtype, "quantization": self.settings.quantization,
-                   "attnkit": attnkit.__version__}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return {"bench": self.bench, "config": self.config, "model": str(Path(self.settings.model_path).resolve()),
+                "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens, "seed": self.settings.seed},
+                "dtype": self.settings.dtype, "quantization": self.settings.quantization,
+                "attnkit": attnkit.__version__, **{k: self.fingerprints[k] for k in sorted(self.fingerprints)}}
+
+    def digest(self) -> str:
+        return digest(self.payload())[:12]
 
     def stem(self) -> str:
         label = re.sub(r"[^A-Za-z0-9.=+-]+", "_", self.config)[:80]
@@ -255,9 +274,16 @@ def _first(v):
 
 
 # --- one sample ----------------------------------------------------------------------------------
+class ImageError(OSError):
+    """A sample's image cannot be opened or decoded; the message names the file."""
+
+
 def generate_one(model, processor, handle, sample, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """Greedy-decode one sample on a wrapped model; the prediction and its costs."""
-    image = open_image(sample.image)
+    try:
+        image = open_image(sample.image)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file's name
+        raise ImageError(f"cannot read image {sample.image}: {type(e).__name__}: {e}") from e
     inputs = build_inputs(processor, sample.question, image).to(model.device)
     torch.manual_seed(seed)
     pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
@@ -320,6 +346,10 @@ def score(bench, samples: Sequence, rows: Sequence[dict], config: str, path: Pat
 
 def load_samples(bench) -> list:
     samples = bench.samples()
+    if not samples:
+        where = getattr(bench, "data_dir", None)
+        raise ValueError(f"benchmark {bench.name!r} has no samples" + (f" in {where}" if where else "")
+                         + "; check the data folder (and --splits / --limit)")
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -327,16 +357,53 @@ def load_samples(bench) -> list:
     return samples
 
 
+def fingerprints(bench, samples: Sequence, processor, settings: RunSettings,
+                 cache: HashCache | None = None) -> dict[str, str | None]:
+    """The content fingerprints of a run: ``data`` (all of the benchmark's samples, before ``limit`` and
+    ``splits``, with the content hash of each image), ``options`` (the benchmark's options), ``weights`` (every
+    file of the model folder) and ``template`` (the processor's chat template)."""
+    cache = cache or HashCache()
+    try:
+        fingerprints_of = {"data": samples_fingerprint(_unlimited(bench, samples), cache),
+                           "options": options_fingerprint(getattr(bench, "options", None)),
+                           "weights": folder_fingerprint(settings.model_path, cache),
+                           "template": _template_hash(processor)}
+    finally:
+        cache.save()
+    return fingerprints_of
+
+
+def _unlimited(bench, samples: Sequence) -> Sequence:
+    """Every sample of ``bench``, ignoring ``limit`` and ``splits`` (so changing them resumes, not restarts)."""
+    if getattr(bench, "limit", None) is None and getattr(bench, "splits", None) is None:
+        return samples
+    full = copy.copy(bench)
+    full.limit, full.splits = None, None
+    return full.samples()
+
+
+def _template_hash(processor) -> str | None:
+    templates = [getattr(processor, "chat_template", None),
+                 getattr(getattr(processor, "tokenizer", None), "chat_template", None)]
+    return digest([str(t) if t is not None else None for t in templates])[:16] if processor is not None else None
+
+
 def run_config(model, processor, bench, samples: Sequence, config: str, out_dir: Path, settings: RunSettings, *,
                shard: Shard = Shard(), retry_errors: bool = False, progress: bool = True,
-               after_sample: Callable[[dict], None] | None = None) -> Path:
-    """Generate the rows of one config that are not on disk yet; returns the main JSONL path."""
+               after_sample: Callable[[dict], None] | None = None, prints: dict[str, str | None] | None = None,
+               log: Callable[[str], None] | None = None) -> Path:
+    """Generate the rows of one config that are not on disk yet; returns the main JSONL path.
+
+    ``prints``: :func:`fingerprints` of this run (computed here if not given).
+    """
     from tqdm.auto import tqdm
 
     import attnkit
 
     max_new = settings.max_new_tokens or bench.max_new_tokens
-    key = RunKey(bench.name, canonical(config), settings, max_new)
+    if prints is None:
+        prints = fingerprints(bench, samples, processor, settings)
+    key = RunKey(bench.name, canonical(config), settings, max_new, dict(prints))
     main = out_dir / f"{key.stem()}.jsonl"
     mine = shard.path(main)
     if shard.rank == 0:
@@ -344,6 +411,8 @@ def run_config(model, processor, bench, samples: Sequence, config: str, out_dir:
     repair_jsonl(mine, drop_errors=retry_errors)
     done = {r["id"] for r in merge_rows([read_rows(p) for p in [main, *shard_paths(main)]])
             if not (retry_errors and "error" in r)}
+    if shard.rank == 0:
+        _say_resume_or_fresh(main, key, len(done), log or _stderr)
     todo = [s for s in shard.take(samples) if s.id not in done]
 
     handle = attnkit.wrap(model, *split_specs(key.config))
@@ -389,11 +458,46 @@ def _seed_of(sample) -> int:
     return int(hashlib.sha256(sample.id.encode()).hexdigest()[:8], 16)
 
 
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _say_resume_or_fresh(main: Path, key: RunKey, n_done: int, log: Callable[[str], None]) -> None:
+    """One line when the folder holds rows of another key for this benchmark and config, or when resuming."""
+    prefix = main.name[: -len(f"{key.digest()}.jsonl")]
+    others = sorted(p for p in main.parent.glob(f"{glob_escape(prefix)}*.jsonl")
+                    if p.name != main.name and ".rank" not in p.name and ".tmp" not in p.name)
+    what = f"attnkit: {key.bench} {key.config}:"
+    state = f"resuming {n_done} row(s) of {main.name}" if n_done else f"starting fresh in {main.name}"
+    if not others:
+        if n_done:
+            log(f"{what} {state}")
+        return
+    mine = key.payload()
+    diffs: set[str] = set()
+    for p in others:
+        try:
+            theirs = json.loads(p.with_suffix(".meta.json").read_text()).get("key") or {}
+        except (OSError, ValueError):
+            theirs = {}
+        if theirs:
+            diffs.update(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        else:
+            diffs.add("unknown (written by an older attnkit)")
+    names = ", ".join(p.name for p in others[:2]) + (f" and {len(others) - 2} more" if len(others) > 2 else "")
+    log(f"{what} {state}; not using the rows of another key in this folder ({names}: differs in "
+        f"{', '.join(sorted(diffs)) or 'nothing recorded'})")
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
 def _write_meta(main: Path, key: RunKey) -> None:
     import attnkit
 
     meta = {"bench": key.bench, "config": key.config, "hash": key.digest(), "settings": asdict(key.settings),
-            "max_new_tokens": key.max_new_tokens, "attnkit": attnkit.__version__}
+            "max_new_tokens": key.max_new_tokens, "attnkit": attnkit.__version__, "key": key.payload()}
     path = main.with_suffix(".meta.json")
     if not path.exists():
         path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -402,7 +506,8 @@ def _write_meta(main: Path, key: RunKey) -> None:
 def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSettings, *, model=None,
              processor=None, device_map: str | dict | None = None, shard: Shard | None = None,
              retry_errors: bool = False, progress: bool = True,
-             after_sample: Callable[[dict], None] | None = None) -> list[ConfigResult]:
+             after_sample: Callable[[dict], None] | None = None,
+             log: Callable[[str], None] | None = None) -> list[ConfigResult]:
     """Run ``configs`` (``"baseline"``, ``"cls-prune:keep=64"``, ``"var;fastv:k=2"``) on ``bench``; one model load.
 
     Returns one scored :class:`ConfigResult` per config on rank 0 (``[]`` on other ranks) and writes
@@ -412,7 +517,7 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
     if len(set(configs)) != len(configs):
         raise ValueError(f"a config is given twice: {configs}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir)
     shard = shard or Shard.from_accelerate()
     samples = load_samples(bench)
     if model is None:
@@ -421,14 +526,28 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
         model, processor = load_model_and_processor(settings.model_path, dtype=settings.dtype, device_map=device_map,
                                                     quantization=settings.quantization)
     _preflight(model, configs)
+    prints = fingerprints(bench, samples, processor, settings)
     paths = [run_config(model, processor, bench, samples, c, out_dir, settings, shard=shard,
-                        retry_errors=retry_errors, progress=progress, after_sample=after_sample) for c in configs]
+                        retry_errors=retry_errors, progress=progress, after_sample=after_sample, prints=prints,
+                        log=log) for c in configs]
     shard.barrier()
     if shard.rank != 0:
         return []
     results = [score(bench, samples, merge_shards(p), c, p) for c, p in zip(configs, paths, strict=True)]
     write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"])
     return results
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and write a probe file, so an unusable output folder fails before the model loads."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".attnkit_write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {str(out_dir)!r} is not writable ({e.strerror or e}); pass --out with a "
+                         "folder you can write") from None
 
 
 def _preflight(model, configs: Sequence[str]) -> None:

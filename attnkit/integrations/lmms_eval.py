@@ -1,19 +1,32 @@
 """lmms-eval 0.7.3 backend: an ``attnkit`` chat model, so any lmms-eval task runs with interventions.
 
-Install lmms-eval without its dependencies (they replace a CPU torch; see the docs), add attnkit's entry
-point (group ``lmms_eval.models``: ``attnkit = "attnkit.integrations.lmms_eval:manifests"``), then::
+Install (CPU-safe; lmms-eval's own requirements would swap a CPU torch for a CUDA one via torchvision)::
+
+    pip install -e ".[lmms]" && pip install --no-deps lmms-eval==0.7.3
+
+attnkit registers the model through the entry point ``lmms_eval.models`` (``attnkit =
+"attnkit.integrations.lmms_eval:manifests"``), then::
 
     lmms-eval --model attnkit --tasks pope \\
-        --model_args pretrained=/models/llava-1.5-7b-hf,interventions="var;cls-prune:keep=64"
+        --model_args 'pretrained=/models/llava-1.5-7b-hf,interventions="var;fastv:k=2,keep=0.5"'
 
-model_args: ``pretrained`` (local folder), ``interventions`` (specs joined by ``;``; empty or "baseline"
-for the unmodified model through the same path), ``dtype``, ``device_map`` / ``device``,
-``quantization`` (4bit/8bit), ``output_dir`` (per-sample JSONL; default ``./attnkit_lmms_eval``),
-``max_new_tokens`` (used when the task sets none). Each response is appended to
-``{output_dir}/{task}__{config hash}.jsonl`` as soon as it is generated and served from there on a rerun
-(lmms-eval itself keeps nothing of a crashed run); the hash covers the model path, the interventions,
-dtype/quantization and the attnkit version, and each row's key adds the split, doc id and gen kwargs.
-A failing sample is logged and answered with "" (not stored, so a rerun retries it).
+lmms-eval splits ``--model_args`` on commas outside quotes, so a spec with several parameters must be in double
+quotes inside the shell's single quotes, as above. model_args: ``pretrained`` (local folder), ``interventions``
+(specs joined by ``;``; empty or "baseline" for the unmodified model through the same path), ``dtype``,
+``device_map`` / ``device``, ``quantization`` (4bit/8bit), ``output_dir`` (per-sample JSONL; default
+``./attnkit_lmms_eval``), ``max_new_tokens`` (used when the task sets none), ``strict`` (true: the first failing
+sample ends the run with exit status 1 instead of being answered ""). lmms-eval's own ``batch_size``,
+``max_batch_size`` and ``device`` are accepted; attnkit generates one sample at a time (a ``batch_size`` above 1
+is ignored, said once).
+
+Each response is appended to ``{output_dir}/{task}__{config hash}.jsonl`` (``….rank{r}.jsonl`` per process of a
+multi-process run) as soon as it is generated and served from there on a rerun (lmms-eval itself keeps nothing of
+a crashed run). The config hash covers the model folder's content (weights, tokenizer, chat template), the
+interventions, dtype/quantization and the attnkit version; each row's key is the request's content: the task,
+split and doc id, the messages (text and the pixels of every image) and the generation settings, so other data
+under the same task name is never served from the store. A failing sample is logged, answered with "" (not
+stored, so a rerun retries it) and counted: the count is printed when the requests are done (POPE's precision and
+recall silently ignore such answers).
 
 This module does not import lmms-eval: :class:`AttnkitGenerator` does the work on plain request tuples;
 ``attnkit.integrations.lmms_eval_model.AttnkitLMMS`` is the thin ``lmms`` subclass lmms-eval loads.
@@ -24,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +49,10 @@ log = logging.getLogger(__name__)
 MODEL_ID = "attnkit"
 CHAT_CLASS_PATH = "attnkit.integrations.lmms_eval_model.AttnkitLMMS"
 DEFAULT_OUTPUT_DIR = "attnkit_lmms_eval"
+# model_args lmms-eval itself adds (``batch_size``/``max_batch_size``/``device`` from its command line)
+LMMS_EVAL_ARGS = ("batch_size", "max_batch_size", "device")
+MODEL_ARGS = ("pretrained", "interventions", "dtype", "device_map", "device", "quantization", "output_dir",
+              "max_new_tokens", "strict")
 
 
 def manifests():
@@ -54,6 +72,45 @@ def parse_interventions(text: str | None) -> list[str]:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def image_digest(image: Any) -> str:
+    """SHA-256 of an image's mode, size and pixels (a PIL image) or of a file's content (a path)."""
+    if isinstance(image, (str, Path)):
+        try:
+            return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+        except OSError:
+            return f"unreadable:{image}"
+    h = hashlib.sha256(f"{image.mode}|{image.size}|".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def messages_digest(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Hash of chat messages as lmms-eval builds them: roles, texts and image pixels (other content by type)."""
+    items = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        for c in content:
+            kind = c.get("type")
+            if kind == "text":
+                items.append([message["role"], "text", c["text"]])
+            elif kind == "image":
+                items.append([message["role"], "image", image_digest(c.get("url", c.get("image")))])
+            else:
+                items.append([message["role"], str(kind), repr(c)])
+    return _hash(items)
+
+
+class SampleFailures(SystemExit):
+    """``strict=true``: a sample failed. A ``SystemExit`` because lmms-eval's command line logs any ``Exception``
+    and exits 0; this ends the run with status 1 and the message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"attnkit: error: {message}")
+        self.message = message
 
 
 def hf_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list]:
@@ -86,8 +143,10 @@ class AttnkitGenerator:
 
     def __init__(self, pretrained: str, interventions: str = "", dtype: str = "auto", device_map: str | None = None,
                  device: str | None = None, quantization: str | None = None, output_dir: str | None = None,
-                 max_new_tokens: int = 256, model=None, processor=None):
+                 max_new_tokens: int = 256, strict: bool = False, rank: int = 0, world_size: int = 1, model=None,
+                 processor=None):
         import attnkit
+        from attnkit.eval.fingerprint import HashCache, folder_fingerprint
 
         self.specs = parse_interventions(interventions)      # bad specs fail before the model loads
         if model is None:
@@ -97,16 +156,26 @@ class AttnkitGenerator:
                                                         quantization=quantization)
         self.model, self.processor = model, processor
         self.max_new_tokens = int(max_new_tokens)
+        self.strict = _as_bool(strict, "strict")
+        self.rank, self.world_size = int(rank), int(world_size)
+        cache = HashCache()
+        template = getattr(processor, "chat_template", None)
         self.config = {"model": str(Path(pretrained).resolve()), "interventions": ";".join(self.specs) or "baseline",
-                       "dtype": str(dtype), "quantization": quantization, "attnkit": attnkit.__version__}
+                       "dtype": str(dtype), "quantization": quantization, "attnkit": attnkit.__version__,
+                       "weights": folder_fingerprint(pretrained, cache), "template": _hash(str(template))}
+        cache.save()
         self.config_hash = _hash(self.config)
         self.output_dir = Path(output_dir or DEFAULT_OUTPUT_DIR)
         self._stores: dict[str, tuple[dict[str, dict], Any]] = {}
+        self.n_requests = 0
+        self.failures: list[str] = []
         self.handle = attnkit.wrap(model, *self.specs)
 
     # --- persistence -------------------------------------------------------------------------
     def store_path(self, task: str) -> Path:
-        return self.output_dir / f"{task}__{self.config_hash}.jsonl"
+        """This process's JSONL for ``task`` (``….rank{r}.jsonl`` in a multi-process run)."""
+        stem = f"{task}__{self.config_hash}"
+        return self.output_dir / (f"{stem}.jsonl" if self.world_size == 1 else f"{stem}.rank{self.rank}.jsonl")
 
     def _store(self, task: str):
         if task not in self._stores:
@@ -115,13 +184,17 @@ class AttnkitGenerator:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.store_path(task)
             repair_jsonl(path, drop_errors=False)
-            rows = {r["key"]: r for r in read_rows(path)}
+            rows: dict[str, dict] = {}
+            for p in sorted(self.output_dir.glob(f"{task}__{self.config_hash}*.jsonl")):   # every rank's rows
+                rows.update({r["key"]: r for r in (read_rows(p) if p == path else _read_quietly(p))})
             self._stores[task] = (rows, RowWriter(path))
         return self._stores[task]
 
     @staticmethod
-    def row_key(split: str, doc_id: int | str, gen_kwargs: Mapping[str, Any]) -> str:
-        return f"{split}/{doc_id}/{_hash(gen_kwargs)}"
+    def row_key(task: str, split: str, doc_id: int | str, messages: Sequence[Mapping[str, Any]],
+                gen_kwargs: Mapping[str, Any]) -> str:
+        """The request's content: where it is from, the messages (text and image pixels) and the gen kwargs."""
+        return f"{split}/{doc_id}/{_hash([task, messages_digest(messages), gen_kwargs])}"
 
     # --- requests ----------------------------------------------------------------------------
     def generate_until(self, args_list: Sequence[tuple], task_dict: Mapping) -> list[tuple[str, int | None]]:
@@ -129,31 +202,44 @@ class AttnkitGenerator:
 
         Chat requests: ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``; simple ones:
         ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)`` (the images go before the text).
+        A failing request is answered ``("", None)`` and counted (``strict``: :class:`SampleFailures`).
         """
         from tqdm.auto import tqdm
 
         out = []
+        failed_before = len(self.failures)
         for args in tqdm(args_list, desc="attnkit generate_until", disable=len(args_list) < 2):
             ctx, doc_id, task, split = args[0], args[3], args[4], args[5]
             chat = callable(args[1])
             gen_kwargs = dict(args[2] if chat else args[1])
             rows, writer = self._store(task)
-            key = self.row_key(split, doc_id, gen_kwargs)
-            if key in rows:
-                out.append((rows[key]["text"], rows[key].get("new_tokens")))
-                continue
+            self.n_requests += 1
             try:
                 doc = task_dict[task][split][doc_id]
                 messages = args[1](doc) if chat else _simple_messages(ctx, args[2](doc))
+                key = self.row_key(task, split, doc_id, messages, gen_kwargs)
+                if key in rows:
+                    out.append((rows[key]["text"], rows[key].get("new_tokens")))
+                    continue
                 text, n_new = self.generate(messages, gen_kwargs)
             except Exception as e:  # noqa: BLE001 - one bad doc must not end the run
-                log.warning("attnkit: %s/%s doc %s failed: %s: %s", task, split, doc_id, type(e).__name__, e)
+                what = f"{task}/{split} doc {doc_id} failed: {type(e).__name__}: {e}"
+                self.failures.append(what)
+                if self.strict:
+                    raise SampleFailures(f"{what} (strict=true)") from e
+                log.warning("attnkit: %s", what)
                 out.append(("", None))
                 continue
             row = {"key": key, "doc_id": doc_id, "split": split, "text": text, "new_tokens": n_new}
             writer.write(row)
             rows[key] = row
             out.append((text, n_new))
+        new_failures = len(self.failures) - failed_before
+        if new_failures:
+            print(f"attnkit: {new_failures} of {len(args_list)} request(s) failed and were answered \"\" (lmms-eval "
+                  f"scores them as wrong answers; POPE's precision/recall ignore them), e.g. "
+                  f"{self.failures[failed_before]}; model_args strict=true makes a failure end the run",
+                  file=sys.stderr)
         return out
 
     def generate(self, messages: Sequence[Mapping[str, Any]], gen_kwargs: Mapping[str, Any]) -> tuple[str, int]:
@@ -196,26 +282,66 @@ def _simple_messages(ctx: str, visuals: Sequence | None) -> list[dict]:
     return [{"role": "user", "content": [*content, {"type": "text", "text": ctx}]}]
 
 
+def _read_quietly(path: Path) -> list[dict]:
+    """Another process's rows (it may be appending: a torn last line is skipped, as read_rows does)."""
+    from attnkit.eval.runner import read_rows
+
+    try:
+        return read_rows(path)
+    except (OSError, ValueError):
+        return []
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"model_args {name}={value!r}: use true or false")
+
+
 def generator_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """model_args as lmms-eval passes them (strings, ints, bools) -> :class:`AttnkitGenerator` keywords."""
-    allowed = {"pretrained", "interventions", "dtype", "device_map", "device", "quantization", "output_dir",
-               "max_new_tokens"}
-    unknown = sorted(set(kwargs) - allowed - {"batch_size"})
+    """model_args as lmms-eval passes them (strings, ints, bools) -> :class:`AttnkitGenerator` keywords.
+
+    lmms-eval's own ``batch_size`` / ``max_batch_size`` are accepted and dropped (see :func:`batch_size_of`).
+    """
+    unknown = sorted(set(kwargs) - set(MODEL_ARGS) - set(LMMS_EVAL_ARGS))
     if unknown:
+        hint = ""
+        if "interventions" in kwargs:
+            shown = ",".join(f"{k}={kwargs[k]}" for k in unknown)
+            hint = (f"; if {shown} belong to the interventions spec: lmms-eval splits --model_args on commas "
+                    f"outside quotes, so quote the spec: --model_args 'pretrained=PATH,interventions="
+                    f"\"{kwargs['interventions']},{shown}\"'")
         raise ValueError(f"unknown model_args {unknown} for the attnkit lmms-eval model; allowed: "
-                         f"{', '.join(sorted(allowed | {'batch_size'}))}")
-    out = {k: v for k, v in kwargs.items() if k in allowed and v is not None}
+                         f"{', '.join(sorted(set(MODEL_ARGS) | set(LMMS_EVAL_ARGS)))}{hint}")
+    out = {k: v for k, v in kwargs.items() if k in MODEL_ARGS and v is not None}
     if isinstance(out.get("interventions"), str):
         out["interventions"] = out["interventions"].strip().strip("'\"")
     return out
 
 
-def batch_size_of(value: Any) -> int:
-    """lmms-eval hands ``--batch_size`` over as a string ("1", "auto"); attnkit generates one sample at a time."""
-    if value in (None, "auto"):
-        return 1
-    size = int(value)
-    if size != 1:
-        log.warning("attnkit's lmms-eval model generates one sample at a time; batch_size=%s is ignored", size)
-    return 1
+_said_batch_size = False
 
+
+def batch_size_of(value: Any, say: bool = True) -> int:
+    """lmms-eval hands ``--batch_size`` over as a string ("1", "auto"); attnkit generates one sample at a time
+    (batching is not implemented yet): a size above 1 is ignored, said once on stderr (``say``: this process
+    may say it; False on ranks other than 0)."""
+    global _said_batch_size
+    if value in (None, "auto") or str(value).startswith("auto:"):
+        return 1
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={value!r}: give a positive integer or auto") from None
+    if size < 1:
+        raise ValueError(f"batch_size={value!r}: give a positive integer or auto")
+    if size != 1 and say and not _said_batch_size:
+        _said_batch_size = True
+        print(f"attnkit: batch_size={size} ignored: attnkit's lmms-eval model generates one sample at a time "
+              "(batched generation is not implemented yet); results are the same as with batch_size=1",
+              file=sys.stderr)
+    return 1

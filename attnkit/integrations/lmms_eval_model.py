@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
@@ -11,29 +12,36 @@ from attnkit.integrations.lmms_eval import AttnkitGenerator, batch_size_of, gene
 
 
 class AttnkitLMMS(lmms):
-    """Chat model: ``generate_until`` through :class:`AttnkitGenerator` (interventions installed at load)."""
+    """Chat model: ``generate_until`` through :class:`AttnkitGenerator` (interventions installed at load).
+
+    Several processes (``torchrun --nproc_per_node N -m lmms_eval ...`` or ``accelerate launch``): lmms-eval gives
+    each rank its shard of the requests; each process loads the model on ``cuda:{LOCAL_RANK}`` (on the CPU
+    without CUDA) and writes its own ``….rank{r}.jsonl``.
+    """
 
     is_simple = False
 
-    def __init__(self, pretrained: str, batch_size: int | str = 1, **kwargs):
+    def __init__(self, pretrained: str, batch_size: int | str = 1, max_batch_size: int | str | None = None,
+                 **kwargs):
         super().__init__()
-        self.batch_size_per_gpu = batch_size_of(batch_size)
         self._init_distributed()
+        self.batch_size_per_gpu = batch_size_of(batch_size, say=self._rank == 0)
+        del max_batch_size                   # lmms-eval's --max_batch_size (for batch_size=auto): nothing to size
         kw = generator_kwargs({"pretrained": pretrained, **kwargs})
-        if self._world_size > 1 and "device_map" not in kw and "device" not in kw:
-            kw["device_map"] = f"cuda:{self._rank}"
-        self.generator = AttnkitGenerator(**kw)
+        if self._world_size > 1 and "device_map" not in kw and "device" not in kw and torch.cuda.is_available():
+            kw["device_map"] = f"cuda:{int(os.environ.get('LOCAL_RANK', self._rank))}"
+        self.generator = AttnkitGenerator(**kw, rank=self._rank, world_size=self._world_size)
 
     def _init_distributed(self) -> None:
-        """Under ``accelerate launch`` the evaluator shards requests by rank and gathers with ``accelerator``."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return
-        from accelerate import Accelerator
+        """Rank and world size from the launcher's environment (the evaluator shards requests by them)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            self._rank, self._world_size = int(os.environ.get("RANK", "0")), world
 
-        accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            self.accelerator = accelerator
-            self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go; lmms-eval puts its rank-gathering tensors here."""
+        return self.generator.model.device
 
     @property
     def batch_size(self) -> int:

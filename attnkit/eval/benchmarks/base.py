@@ -149,11 +149,15 @@ def read_json(path: Path) -> Any:
 
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line of a JSON-lines file."""
+    """(line number, object) per non-blank line of a JSON-lines file (a JSON array is refused with a hint)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            if line.lstrip().startswith("["):
+                raise BenchmarkFormatError(path, "is a JSON array; this file must be JSON lines (one object per "
+                                                 "line, e.g. {\"question_id\": 1, ...}); convert it with "
+                                                 "jq -c '.[]' FILE > FILE.jsonl", line=lineno)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

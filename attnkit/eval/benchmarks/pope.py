@@ -86,6 +86,10 @@ class PopeBenchmark(Benchmark):
                                   question=text + self.options["prompt_suffix"], answer=label.strip().lower(),
                                   split=split, meta={"question_id": qid, "text": text, "file": path.name,
                                                      "line": line}))
+        if not samples:
+            raise BenchmarkFormatError(path, "has no questions; a POPE file holds one JSON object per line: "
+                                             '{"question_id": 1, "image": "...jpg", "text": "Is there a ...?", '
+                                             '"label": "yes"}')
         return samples
 
     def score(self, samples: Sequence[Sample], predictions: Mapping[str, str]) -> dict[str, float]:
