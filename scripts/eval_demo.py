@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N questions / captions per file")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    data = demo_data_path(args.data) if args.data in DEMO_DATA else Path(args.data)
+    if not data.is_dir():
+        raise SystemExit(f"--data {args.data!r} is neither a folder nor one of {', '.join(DEMO_DATA)}")
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     t0 = time.time()
     model = LlavaForConditionalGeneration.from_pretrained(args.model, local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-    data = demo_data_path(args.data) if args.data in DEMO_DATA else Path(args.data)
-    if not data.is_dir():
-        raise SystemExit(f"--data {args.data!r} is neither a folder nor one of {', '.join(DEMO_DATA)}")
     res = evaluate(model, processor, data, args.prefix, args.limit)
     for name, m in res.items():
         print(name, " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v!r}" for k, v in m.items()))
