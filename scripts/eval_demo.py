@@ -4,6 +4,7 @@ Straightforward reference code (greedy decoding, batched with left padding); att
 ``attnkit eval`` should give the same numbers.
 
     python scripts/eval_demo.py                                   # shipped demo model + data
+    python scripts/eval_demo.py --data prone --threads 1          # the shipped prone set (demo_data_path("prone"))
     python scripts/eval_demo.py --model runs/model --data /tmp/synth --limit 60
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from attnkit.synth.demo import demo_data_path, demo_model_path
+from attnkit.synth.demo import DEMO_DATA, demo_data_path, demo_model_path
 from attnkit.synth.model import prompt
 
 
@@ -111,18 +112,22 @@ def evaluate(model, processor, data: Path, prefix: str = "synth", limit: int | N
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(demo_model_path()))
-    ap.add_argument("--data", default=str(demo_data_path()))
+    ap.add_argument("--data", default="clean",
+                    help=f"an exported folder, or a shipped set: {', '.join(DEMO_DATA)} (default clean)")
     ap.add_argument("--prefix", default="synth")
     ap.add_argument("--limit", type=int, default=None, help="first N questions / captions per file")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    data = demo_data_path(args.data) if args.data in DEMO_DATA else Path(args.data)
+    if not data.is_dir():
+        raise SystemExit(f"--data {args.data!r} is neither a folder nor one of {', '.join(DEMO_DATA)}")
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     t0 = time.time()
     model = LlavaForConditionalGeneration.from_pretrained(args.model, local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-    res = evaluate(model, processor, Path(args.data), args.prefix, args.limit)
+    res = evaluate(model, processor, data, args.prefix, args.limit)
     for name, m in res.items():
         print(name, " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v!r}" for k, v in m.items()))
     print(f"({time.time() - t0:.0f}s)")

@@ -84,3 +84,23 @@ def test_reference_eval_script_scores_the_shipped_model(demo):
     assert [res[f"pope_{s}"]["n"] for s in ("random", "popular", "adversarial")] == [6, 6, 6]
     assert all(0 <= res[f"pope_{s}"]["p_yes_absent"] < 0.5 for s in ("random", "popular", "adversarial"))
     assert res["chair"]["n"] == 6 and res["chair"]["recall"] > 0.5
+
+
+def test_prone_set_leaves_the_cooccurrence_prior_to_decide(demo):
+    """On the prone set (small, faint objects, clutter unrelated to co-occurrence) absent objects that co-occur
+    with the present ones get far more "yes" than random absent ones: the prior decides on weak evidence."""
+    from scripts.eval_demo import yes_probability
+
+    model, processor = demo
+    data = demo_data_path("prone")
+    p_yes = {}
+    for split in ("random", "adversarial"):
+        rows = [json.loads(x) for x in (data / f"synth_pope_{split}.json").read_text().splitlines()]
+        rows = [r for r in rows if r["label"] == "no"]
+        images = [Image.open(data / "images" / r["image"]).convert("RGB") for r in rows]
+        p_yes[split] = yes_probability(model, processor, images, [r["text"] for r in rows], batch=25)
+    mean = {k: sum(v) / len(v) for k, v in p_yes.items()}
+    false_yes = {k: sum(p > 0.5 for p in v) for k, v in p_yes.items()}
+    assert len(p_yes["random"]) == len(p_yes["adversarial"]) == 150
+    assert mean["adversarial"] > 2 * mean["random"] and mean["adversarial"] > 0.08, mean   # clean set: 0.031
+    assert false_yes["adversarial"] >= false_yes["random"] + 8, false_yes

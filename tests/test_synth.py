@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from attnkit.synth import demo_data_path
-from attnkit.synth.export import ExportConfig, export_benchmark, synonyms_text
+from attnkit.synth.export import DIFFICULTIES, POPE_SPLITS, ExportConfig, export_benchmark, synonyms_text
 from attnkit.synth.model import build_processor
 from attnkit.synth.text import POPE_QUESTION, POPE_SUFFIX, caption, question_answers, vocabulary
 from attnkit.synth.world import CATEGORIES, Scene, SceneObject, SynthWorld, WorldConfig, world_stats
+
+PRONE = ExportConfig(difficulty="prone").world_config()
 
 NAMES = {c.name for c in CATEGORIES}
 
@@ -160,7 +163,7 @@ def test_pope_and_chair_images_are_disjoint(exported):
 def test_shipped_data_is_the_default_export():
     data = demo_data_path()
     man = json.loads((data / "manifest.json").read_text())
-    assert man["config"] == {**ExportConfig().__dict__}
+    assert ExportConfig(**man["config"]) == ExportConfig()   # (written before ExportConfig had "difficulty")
     rows = _jsonl(data / "synth_pope_adversarial.json")
     assert 100 <= len(rows) <= 300 and all((data / "images" / r["image"]).is_file() for r in rows)
     assert man["config"]["seed"] != 0  # held out from the training world
@@ -192,3 +195,122 @@ def test_training_conversations_probe_the_asked_object_word():
     assert n_probes >= 20 * 4
     with pytest.raises(ValueError, match="caption_mode='end'; allowed"):
         TrainConfig(caption_mode="end")
+
+
+def _diff_pixels(world: SynthWorld, a: Scene, b: Scene) -> np.ndarray:
+    """Where the renders of two versions of a scene differ (H x W bool)."""
+    return (np.asarray(world.render(a), dtype=int) != np.asarray(world.render(b), dtype=int)).any(-1)
+
+
+def test_prone_world_makes_the_clean_scenes_ambiguous_object_by_object():
+    clean, prone = SynthWorld(WorldConfig(seed=1)), SynthWorld(PRONE)
+    n_small = n_faint = n_fragments = n_objects = 0
+    for i in range(200):
+        c, p = clean.scene(i), prone.scene(i)
+        # same scene (kind, objects, order, background): only the evidence changes
+        assert (p.kind, p.background, [o.category for o in p.objects]) == (c.kind, c.background,
+                                                                            [o.category for o in c.objects])
+        assert c.lookalikes == ()
+        for oc, op in zip(c.objects, p.objects, strict=True):
+            (x, y, w, h), (px, py, pw, ph) = oc.bbox, op.bbox
+            assert pw == ph and (pw == w or PRONE.small_size[0] <= pw <= PRONE.small_size[1] < w)
+            assert x <= px and y <= py and px + pw <= x + w and py + ph <= y + h       # shrunk about its box
+            blend = np.array(op.color) - (1 - PRONE.faint) * np.array(oc.color) - PRONE.faint * np.array(c.background)
+            assert op.color == oc.color or np.abs(blend).max() <= 0.5
+            n_small += pw < w
+            n_faint += op.color != oc.color
+            n_objects += 1
+        assert 1 <= len(p.lookalikes) <= PRONE.lookalikes
+        n_fragments += len(p.lookalikes)
+    assert 0.2 < n_small / n_objects < 0.4 and 0.2 < n_faint / n_objects < 0.4 and n_fragments > 300
+
+
+@pytest.fixture(scope="module")
+def exported_prone(tmp_path_factory):
+    cfg = ExportConfig(seed=5, pope_images=12, chair_images=8, stats_scenes=300, difficulty="prone")
+    return export_benchmark(tmp_path_factory.mktemp("prone"), cfg), cfg
+
+
+def test_prone_labels_are_honest_absent_is_not_drawn(exported_prone):
+    out, cfg = exported_prone
+    world = SynthWorld(cfg.world_config())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["world"]["lookalikes"] == PRONE.lookalikes and man["config"]["difficulty"] == "prone"
+    scenes = {}
+    for split in POPE_SPLITS:
+        for r in _jsonl(out / f"synth_pope_{split}.json"):
+            scene = scenes.setdefault(r["image"], world.scene(int(r["image"][6:12])))
+            obj = r["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+            assert (r["label"] == "yes") == (obj in {o.category for o in scene.objects})
+    inst = json.loads((out / "synth_chair_instances.json").read_text())
+    cat_name = {c["id"]: c["name"] for c in inst["categories"]}
+    for im in inst["images"]:
+        scene = scenes.setdefault(im["file_name"], world.scene(im["id"]))
+        drawn = sorted((o.category, list(o.bbox)) for o in scene.objects)   # CHAIR lists what is drawn
+        assert sorted((cat_name[a["category_id"]], a["bbox"]) for a in inst["annotations"]
+                      if a["image_id"] == im["id"]) == drawn
+    n_fragments = 0
+    for name, scene in scenes.items():
+        assert man["lookalikes"][name] == [f.like for f in scene.lookalikes]
+        present = {o.category for o in scene.objects}
+        for k, o in enumerate(scene.objects):          # every present object is visibly drawn
+            without = replace(scene, objects=scene.objects[:k] + scene.objects[k + 1:])
+            assert _diff_pixels(world, scene, without).sum() >= 12, (name, o)
+        bare = replace(scene, objects=())
+        for k, f in enumerate(scene.lookalikes):
+            assert f.like not in present                  # coloured like an absent category ...
+            mask = _diff_pixels(world, bare, replace(bare, lookalikes=scene.lookalikes[:k] + scene.lookalikes[k + 1:]))
+            ys, xs = np.nonzero(mask)
+            (x0, y0), (x1, y1) = f.start, f.end
+            # ... and only a short diagonal stroke: a few pixels along its segment, never an icon
+            assert 0 < mask.sum() <= 45 and abs(x1 - x0) >= 3 and abs(y1 - y0) >= 3
+            assert min(x0, x1) - 2 <= xs.min() and xs.max() <= max(x0, x1) + 2
+            assert min(y0, y1) - 2 <= ys.min() and ys.max() <= max(y0, y1) + 2
+            n_fragments += 1
+    assert n_fragments >= len(scenes)
+
+
+def test_shipped_prone_data_is_what_the_prone_world_renders():
+    data, clean = demo_data_path("prone"), demo_data_path()
+    man = json.loads((data / "manifest.json").read_text())
+    cfg = ExportConfig(**man["config"])
+    assert cfg == ExportConfig(difficulty="prone")                        # scripts/export_demo.py --difficulty prone
+    assert man["world"] == json.loads(json.dumps(asdict(cfg.world_config())))   # a preset change needs a re-export
+    # the same held-out scenes and questions as the clean set: only the images (and shrunk boxes) differ
+    for split in POPE_SPLITS:
+        name = f"synth_pope_{split}.json"
+        assert (data / name).read_bytes() == (clean / name).read_bytes()
+    world = SynthWorld(cfg.world_config())
+    names = sorted(p.name for p in (data / "images").iterdir())
+    assert len(names) == man["pope_images"] + man["chair_images"]
+    for name in names[::7]:
+        shipped = np.asarray(Image.open(data / "images" / name).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(world.render(world.scene(int(name[6:12]))))), name
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+
+
+def test_difficulty_and_ambiguity_knobs_are_validated():
+    assert set(DIFFICULTIES) == {"clean", "prone"} and ExportConfig().world_config() == WorldConfig(seed=1)
+    with pytest.raises(ValueError, match="difficulty='hard'; allowed: 'clean', 'prone'"):
+        ExportConfig(difficulty="hard")
+    with pytest.raises(ValueError, match="kind='hard'; allowed: 'clean', 'prone'"):
+        demo_data_path("hard")
+    with pytest.raises(ValueError, match=r"small_prob=1.5; allowed: a probability or blend in \[0, 1\]"):
+        WorldConfig(small_prob=1.5)
+    with pytest.raises(ValueError, match=r"small_size=\(3, 20\); allowed: \(lo, hi\) with 4 <= lo <= hi <= min_"):
+        WorldConfig(small_size=(3, 20))
+    with pytest.raises(ValueError, match="lookalikes=5; allowed: 0 to 4"):
+        WorldConfig(lookalikes=5)
+    with pytest.raises(ValueError, match="lookalike_from='near'; allowed: 'scene', 'any'"):
+        WorldConfig(lookalike_from="near")
+    assert WorldConfig(small_size=[9, 12]) == WorldConfig()            # the manifest's JSON list round-trips
+
+
+def test_scene_lookalikes_follow_the_scene_type_when_asked():
+    from attnkit.synth.world import SCENE_TYPES
+
+    world = SynthWorld(WorldConfig(seed=2, lookalikes=2, lookalike_from="scene"))
+    for i in range(100):
+        s = world.scene(i)
+        assert all(f.like in SCENE_TYPES[s.kind][1] and f.like not in s.categories for f in s.lookalikes)

@@ -4,6 +4,10 @@ Scenes are 96x96 images of 2-5 coloured icons from 18 categories (person, table,
 seeded generator (:mod:`attnkit.synth.world`) with COCO-like co-occurrence (a scene type such as
 "kitchen" makes cup, table and bottle likely), so a model learns priors it can hallucinate from.
 The training world is seed 0; benchmarks are exported from another seed (held out).
+``ExportConfig(difficulty="prone")`` exports the same held-out scenes and questions with the evidence made
+weak object by object (small or faint objects, look-alike clutter), so the model's co-occurrence prior
+decides and the adversarial split gets harder than random; it ships as ``demo_data_path("prone")``
+(``python scripts/export_demo.py --difficulty prone --out attnkit/assets/demo/data_prone``).
 
 Exported directory (:func:`attnkit.synth.export.export_benchmark`; the shipped copy is
 :func:`demo_data_path`)::

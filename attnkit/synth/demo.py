@@ -12,9 +12,18 @@ def demo_model_path() -> Path:
     return _ASSETS / "model"
 
 
-def demo_data_path() -> Path:
-    """Folder of the held-out demo benchmark (POPE splits, CHAIR files, ``images/``)."""
-    return _ASSETS / "data"
+DEMO_DATA = {"clean": "data", "prone": "data_prone"}
+
+
+def demo_data_path(kind: str = "clean") -> Path:
+    """Folder of a held-out demo benchmark (POPE splits, CHAIR files, ``images/``).
+
+    ``"clean"``: the default export; ``"prone"``: ``ExportConfig(difficulty="prone")``, where small, faint
+    objects and look-alike clutter leave the model's co-occurrence prior to decide (``scripts/export_demo.py``).
+    """
+    if kind not in DEMO_DATA:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(map(repr, DEMO_DATA))}")
+    return _ASSETS / DEMO_DATA[kind]
 
 
 def load_demo(dtype=None):

@@ -13,6 +13,16 @@ from attnkit.synth.world import CATEGORIES, CATEGORY_BY_NAME, Scene, SynthWorld,
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 
+# Export difficulties: WorldConfig overrides of the eval world (the training world stays clean).
+DIFFICULTIES: dict[str, dict] = {
+    "clean": {},
+    # Evidence made weak object by object, not globally: 30% of objects small (9-12 px instead of 14-30),
+    # 30% faint (colour half-way to the background), and 1-3 look-alike fragments per scene coloured like
+    # *uniformly* drawn absent categories. The clutter is independent of co-occurrence, so any gap between
+    # the random and adversarial splits is the model's co-occurrence prior deciding on weak evidence.
+    "prone": {"small_prob": 0.3, "faint_prob": 0.3, "lookalikes": 3, "lookalike_from": "any"},
+}
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -25,6 +35,15 @@ class ExportConfig:
     chair_images: int = 60
     stats_scenes: int = 4000      # scenes of the training world (seed 0) the POPE statistics come from
     image_size: int = 96
+    difficulty: str = "clean"     # a key of DIFFICULTIES: "clean" (the shipped demo data) or "prone"
+
+    def __post_init__(self):
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty={self.difficulty!r}; allowed: {', '.join(map(repr, DIFFICULTIES))}")
+
+    def world_config(self) -> WorldConfig:
+        """The eval world these files are rendered from (what tests re-render to check shipped images)."""
+        return WorldConfig(seed=self.seed, image_size=self.image_size, **DIFFICULTIES[self.difficulty])
 
 
 def image_name(scene: Scene, prefix: str = "synth") -> str:
@@ -99,7 +118,7 @@ def export_benchmark(out_dir: str | Path, config: ExportConfig | None = None) ->
         raise ValueError("seed=0 is the training world; export held-out data with another seed")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    world = SynthWorld(WorldConfig(seed=cfg.seed, image_size=cfg.image_size))
+    world = SynthWorld(cfg.world_config())
     train = SynthWorld(WorldConfig(seed=0, image_size=cfg.image_size))
     stats = world_stats([train.scene(i) for i in range(cfg.stats_scenes)])
 
@@ -124,5 +143,8 @@ def export_benchmark(out_dir: str | Path, config: ExportConfig | None = None) ->
                                               for s in chair])
     manifest = {"config": asdict(cfg), "pope_images": len(pope), "chair_images": len(chair),
                 "popular": stats.popular(), "frequency": stats.frequency}
+    if cfg.difficulty != "clean":   # the world it was rendered from and the clutter in each image
+        manifest["world"] = asdict(cfg.world_config())
+        manifest["lookalikes"] = {image_name(s, p): [f.like for f in s.lookalikes] for s in pope + chair}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out

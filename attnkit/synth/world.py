@@ -3,7 +3,8 @@
 Every category is one (shape, colour) icon. A scene first draws a *scene type* (kitchen, office,
 street, park), then 2-5 distinct objects, most of them from that type's weighted list and a few from
 anywhere. So "cup" usually comes with "table", "car" with "road-side" things, and a model trained on
-these scenes learns priors it can hallucinate from, as on COCO.
+these scenes learns priors it can hallucinate from, as on COCO. A harder world for held-out data makes
+the evidence weak object by object (small or faint objects, look-alike clutter; see :class:`WorldConfig`).
 
     world = SynthWorld(WorldConfig(seed=0))
     scene = world.scene(17)          # deterministic in (seed, index)
@@ -13,7 +14,7 @@ these scenes learns priors it can hallucinate from, as on COCO.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,7 +64,11 @@ SCENE_TYPES: dict[str, tuple[float, dict[str, float]]] = {
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """How scenes are drawn. ``off_prior`` is the chance an object ignores the scene type's weights."""
+    """How scenes are drawn. ``off_prior`` is the chance an object ignores the scene type's weights.
+
+    The ambiguity knobs (``small_prob`` ... ``lookalike_from``) make evidence weak object by object for a
+    harder held-out world (``ExportConfig(difficulty="prone")``); with their defaults a scene is the clean one.
+    """
 
     seed: int = 0
     image_size: int = 96
@@ -73,12 +78,52 @@ class WorldConfig:
     max_size: int = 30
     off_prior: float = 0.15
     color_jitter: int = 20
+    # Object-by-object ambiguity (all off by default: the training world and the clean benchmark). Drawn from
+    # a separate random stream after the scene, so the objects, kind and layout stay those of the clean scene.
+    small_prob: float = 0.0       # chance an object is shrunk (about its centre) to ``small_size`` pixels
+    small_size: tuple[int, int] = (9, 12)
+    faint_prob: float = 0.0       # chance an object's colour is blended toward the background by ``faint``
+    faint: float = 0.5
+    lookalikes: int = 0           # up to this many look-alike fragments per scene (see :class:`Lookalike`)
+    lookalike_faint: float = 0.35  # their colour's blend toward the background
+    lookalike_from: str = "any"   # "any": absent categories uniformly; "scene": by the scene type's weights
+
+    def __post_init__(self):
+        object.__setattr__(self, "small_size", tuple(self.small_size))   # a JSON round trip gives a list
+        for name in ("small_prob", "faint_prob", "faint", "lookalike_faint"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}={v!r}; allowed: a probability or blend in [0, 1]")
+        lo, hi = self.small_size
+        if not 4 <= lo <= hi <= self.min_size:
+            raise ValueError(f"small_size={self.small_size!r}; allowed: (lo, hi) with 4 <= lo <= hi <= "
+                             f"min_size={self.min_size}")
+        if self.lookalike_from not in ("scene", "any"):
+            raise ValueError(f"lookalike_from={self.lookalike_from!r}; allowed: 'scene', 'any'")
+        if not 0 <= self.lookalikes <= 4:
+            raise ValueError(f"lookalikes={self.lookalikes!r}; allowed: 0 to 4 fragments per scene")
 
 
 @dataclass(frozen=True)
 class SceneObject:
     category: str
     bbox: tuple[int, int, int, int]  # COCO [x, y, w, h] in pixels
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Lookalike:
+    """Clutter *coloured like* an absent category but not a drawing of it: a short thick diagonal stroke.
+
+    No category's icon is a diagonal stroke, so the fragment is never an instance of ``like``; ``like`` is
+    always absent from its scene (the ground truth stays true). ``like`` is drawn uniformly from the absent
+    categories (``lookalike_from="any"``) or by the scene type's weights (``"scene"``).
+    """
+
+    like: str
+    start: tuple[int, int]
+    end: tuple[int, int]
+    width: int
     color: tuple[int, int, int]
 
 
@@ -91,6 +136,7 @@ class Scene:
     width: int
     height: int
     noise_seed: int = field(default=0, compare=False)
+    lookalikes: tuple[Lookalike, ...] = ()
 
     @property
     def categories(self) -> list[str]:
@@ -135,8 +181,47 @@ class SynthWorld:
             color = tuple(int(v) for v in np.clip(base + jitter, 0, 255))
             objects.append(SceneObject(name, box, color))
         background = tuple(int(v) for v in rng.integers(200, 256, 3))
-        return Scene(index, kind, tuple(objects), background, cfg.image_size, cfg.image_size,
-                     noise_seed=int(rng.integers(2**31)))
+        scene = Scene(index, kind, tuple(objects), background, cfg.image_size, cfg.image_size,
+                      noise_seed=int(rng.integers(2**31)))
+        if cfg.small_prob or cfg.faint_prob or cfg.lookalikes:
+            scene = self._ambiguous(scene)
+        return scene
+
+    def _ambiguous(self, scene: Scene) -> Scene:
+        """The clean scene with some objects small or faint and up to ``lookalikes`` look-alike fragments."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, scene.index, 0xA3B1])
+        bg = np.array(scene.background, dtype=float)
+        objects = []
+        for o in scene.objects:
+            x, y, w, h = o.bbox
+            if rng.random() < cfg.small_prob:
+                s = int(rng.integers(cfg.small_size[0], cfg.small_size[1] + 1))
+                x, y, w, h = x + (w - s) // 2, y + (h - s) // 2, s, s
+            color = o.color
+            if rng.random() < cfg.faint_prob:
+                color = tuple(int(round(v)) for v in (1 - cfg.faint) * np.array(color) + cfg.faint * bg)
+            objects.append(SceneObject(o.category, (x, y, w, h), color))
+        present = {o.category for o in objects}
+        pool = SCENE_TYPES[scene.kind][1] if cfg.lookalike_from == "scene" else dict.fromkeys(CATEGORY_BY_NAME, 1.0)
+        weights = {k: v for k, v in pool.items() if k not in present}
+        fragments = []
+        for _ in range(int(rng.integers(1, cfg.lookalikes + 1)) if cfg.lookalikes else 0):
+            if not weights:
+                break
+            names = list(weights)
+            p = np.array([weights[k] for k in names]) / sum(weights.values())
+            like = names[int(rng.choice(len(names), p=p))]
+            del weights[like]
+            length = int(rng.integers(6, 10))
+            angle = math.radians(float(rng.uniform(30, 60)) + 90 * int(rng.integers(0, 2)))
+            dx, dy = round(length * math.cos(angle)), round(length * math.sin(angle))
+            x0 = int(rng.integers(max(1, -dx) + 1, cfg.image_size - max(1, dx) - 1))
+            y0 = int(rng.integers(1, cfg.image_size - dy - 1))
+            base = np.array(CATEGORY_BY_NAME[like].color, dtype=float)
+            color = tuple(int(round(v)) for v in (1 - cfg.lookalike_faint) * base + cfg.lookalike_faint * bg)
+            fragments.append(Lookalike(like, (x0, y0), (x0 + dx, y0 + dy), 3, color))
+        return replace(scene, objects=tuple(objects), lookalikes=tuple(fragments))
 
     def _place(self, rng: np.random.Generator, boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
         """A square box that overlaps earlier boxes little (IoU < 0.1, or the best of 50 tries)."""
@@ -160,6 +245,8 @@ class SynthWorld:
         arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr)
         draw = ImageDraw.Draw(img)
+        for f in scene.lookalikes:      # clutter first: objects drawn later may cover it
+            draw.line((*f.start, *f.end), fill=f.color, width=f.width)
         for obj in scene.objects:
             _draw_icon(draw, CATEGORY_BY_NAME[obj.category].shape, obj.bbox, obj.color)
         return img
