@@ -109,14 +109,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _demo():
-    """The embedded default: ``(model path, POPE data dir)`` of ``attnkit.synth.demo``."""
+def _demo(kind: str = "clean"):
+    """The embedded default: ``(model path, POPE data dir)`` of ``attnkit.synth.demo`` (``kind``: its data set)."""
     try:
         from attnkit.synth.demo import demo_data_path, demo_model_path
     except ImportError as e:
         raise UsageError(f"the embedded demo (attnkit.synth.demo) is not available in this install ({e}); "
                          "pass --model PATH --data DIR") from None
-    model, data = Path(demo_model_path()), Path(demo_data_path())
+    model, data = Path(demo_model_path()), Path(demo_data_path(kind))
     if not (model / "config.json").is_file():
         raise UsageError(f"the embedded demo model is missing from this install ({model}); build it with "
                          "`python scripts/train_demo.py` or pass --model PATH --data DIR")
@@ -193,15 +193,18 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
 
     if (args.model is None) != (args.data is None):
         raise UsageError("give both --model PATH and --data DIR, or neither for the embedded demo")
+    if args.model is not None and getattr(args, "demo", None):
+        raise UsageError(f"--demo {args.demo} selects the embedded demo's data; it cannot be combined with "
+                         "--model/--data")
     if args.model is None:
-        model, data = _demo()
+        model, data = _demo(getattr(args, "demo", None) or "clean")
         args.bench = DEMO_BENCH
         if args.limit is None:
             args.limit = DEMO_LIMIT
         if args.max_new_tokens is None:
             args.max_new_tokens = DEMO_MAX_NEW_TOKENS
         print(f"attnkit: no --model/--data: running the embedded demo ({model.name} on synthetic POPE, "
-              f"{args.limit} questions per split)", file=sys.stderr)
+              f"{data.name}, {args.limit} questions per split)", file=sys.stderr)
     else:
         model, data = Path(args.model), Path(args.data)
         if not data.is_dir():
@@ -344,6 +347,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local model folder (default with --data unset: the embedded demo model)")
     p.add_argument("--bench", default="pope", help="benchmark name (see `attnkit list`; default pope)")
     p.add_argument("--data", help="benchmark data folder (published format)")
+    p.add_argument("--demo", choices=["clean", "prone"], help="without --model/--data: the embedded demo's data set "
+                   "(clean, default; prone: weak, ambiguous evidence where the model's co-occurrence prior decides)")
     p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>); rerunning resumes")
     p.add_argument("--limit", type=_positive_int, help="first N samples of each split")
     p.add_argument("--splits", help="comma-separated splits (default: all found)")

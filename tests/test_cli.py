@@ -238,7 +238,7 @@ def test_calibrate_dispatches_or_names_what_can_be_calibrated(models, tmp_path, 
 def test_default_eval_runs_the_embedded_demo(models, tmp_path, capsys, monkeypatch):
     demo = types.ModuleType("attnkit.synth.demo")
     demo.demo_model_path = lambda: models["llava"]
-    demo.demo_data_path = lambda: DATA / "pope"
+    demo.demo_data_path = lambda kind="clean": DATA / "pope"
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
     monkeypatch.setattr(cli, "DEMO_LIMIT", 1)
     monkeypatch.setattr(cli, "DEMO_COMPARE", ("baseline", "record:layers=0", "not-registered:keep=3"))
@@ -250,13 +250,37 @@ def test_default_eval_runs_the_embedded_demo(models, tmp_path, capsys, monkeypat
     assert "| **baseline** |" in capsys.readouterr().out
 
 
+def test_demo_data_set_is_selectable(models, tmp_path, capsys, monkeypatch):
+    asked = []
+    demo = types.ModuleType("attnkit.synth.demo")
+    demo.demo_model_path = lambda: models["llava"]
+    demo.demo_data_path = lambda kind="clean": asked.append(kind) or DATA / "pope"
+    monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
+    monkeypatch.setattr(cli, "DEMO_LIMIT", 1)
+    monkeypatch.setattr(cli, "DEMO_COMPARE", ("baseline",))
+    assert cli.main(["eval", "--demo", "prone", "--out", str(tmp_path), *FAST]) == 0
+    assert asked == ["prone"]
+    assert cli.main(["eval", "--demo", "prone", "--model", str(models["llava"]), "--data", str(DATA / "pope"),
+                     "--out", str(tmp_path), *FAST]) == 2
+    assert "--demo prone selects the embedded demo's data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--demo", "hard"])
+
+
+def test_real_prone_demo_folder_exists():
+    from attnkit.synth.demo import demo_data_path
+
+    assert (demo_data_path("prone") / "synth_pope_adversarial.json").is_file()
+    assert demo_data_path("prone") != demo_data_path()
+
+
 def test_default_eval_without_the_demo_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", None)
     assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 2
     assert "embedded demo (attnkit.synth.demo) is not available" in capsys.readouterr().err
     demo = types.ModuleType("attnkit.synth.demo")
     demo.demo_model_path = lambda: tmp_path / "not-built"
-    demo.demo_data_path = lambda: DATA / "pope"
+    demo.demo_data_path = lambda kind="clean": DATA / "pope"
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
     assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 2
     assert "embedded demo model is missing from this install" in capsys.readouterr().err
