@@ -462,3 +462,20 @@ def test_gemma3_var_on_a_sliding_layer_equals_the_reference_from_the_model_masks
 
         torch.testing.assert_close(out, _reference_output(attn, c, edit_probs=redistribute), rtol=1e-5, atol=1e-6)
     assert sum(counted) > 0
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_two_branch_methods_generate_or_are_refused_with_the_reason(tiny, family):
+    """PAI with its CFG step runs on every new family (cached generate equals the no-cache loop); VCD re-encodes a
+    noised image, which is written for OneVision and refused with the reason elsewhere."""
+    model, processor = tiny(family)
+    inputs = testing.tiny_inputs(processor, batch=2)
+    specs = ["pai"] + (["vcd"] if family == "llava_onevision" else [])
+    for spec in specs:
+        with attnkit.intervene(model, spec):
+            out = model.generate(**inputs, max_new_tokens=3, **GEN)
+            assert torch.equal(out, testing.greedy_reference(model, inputs, 3, family))
+    if family != "llava_onevision":
+        with pytest.raises(ValueError, match=f"vcd is not supported on {family} yet: "):
+            attnkit.wrap(model, "vcd")
+        assert attnkit.handle_of(model) is None

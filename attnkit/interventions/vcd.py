@@ -74,6 +74,9 @@ class VCD(Intervention):
         self._branch = None
 
     def attach(self, ctx) -> None:
+        if ctx.adapter.noised_images_unsupported:
+            raise ValueError(f"vcd is not supported on {ctx.adapter.family} yet: "
+                             f"{ctx.adapter.noised_images_unsupported}")
         self._branch = Branch(ctx, self._inputs, self.contrast)
         base = ctx.model.base_model
         original = base.get_image_features

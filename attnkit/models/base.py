@@ -18,6 +18,8 @@ class ModelAdapter:
     families: dict[str, str] = {}
     # False: the family's token pruning is not written yet; the token dropper (cls-prune, fastv, vte) refuses it
     supports_token_dropping: bool = True
+    # None, or why a second image encoding cannot stand in for the first (vcd re-encodes a noised image)
+    noised_images_unsupported: str | None = None
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

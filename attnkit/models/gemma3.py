@@ -22,6 +22,9 @@ class Gemma3Adapter(PruningComing, ModelAdapter):
     Text embeddings are scaled by sqrt(hidden) inside the embedding; image features are not.
     """
 
+    noised_images_unsupported = ("Gemma 3 returns per-image feature lists that the noised "
+                                 "re-encoding does not handle yet")
+
     families = {"Gemma3ForConditionalGeneration": "gemma3"}
 
     @property

@@ -18,6 +18,9 @@ class InternVLAdapter(PruningComing, ModelAdapter):
     images are told apart by their runs, not by counts.
     """
 
+    noised_images_unsupported = ("InternVL returns per-tile feature lists that the noised "
+                                 "re-encoding does not handle yet")
+
     families = {"InternVLForConditionalGeneration": "internvl"}
 
     @property

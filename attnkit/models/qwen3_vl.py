@@ -17,6 +17,9 @@ class Qwen3VLAdapter(PruningComing, QwenVLAdapter):
     model makes. Token pruning (which must drop each token's DeepStack rows with it) is not written yet.
     """
 
+    noised_images_unsupported = ("Qwen3-VL's image features carry DeepStack rows that the noised "
+                                 "re-encoding does not replace yet")
+
     families = {"Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
     @property
