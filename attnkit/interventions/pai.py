@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from attnkit.hooks.branch import Branch, last_real, text_only_inputs
+from attnkit.hooks.drop import layout_at
 from attnkit.interventions.base import Intervention, param, register
 
 
@@ -46,15 +47,8 @@ class PromptLayout:
 
 def prompt_layout(state, layer_idx: int, device: torch.device) -> PromptLayout | None:
     """The :class:`PromptLayout` of decoder layer ``layer_idx`` for the current request (None: no spans)."""
-    spans = state.spans
-    if spans is None:
-        return None
-    visual, valid, text = spans.visual, spans.valid, spans.text_after_image()
-    plan = state.plan_at(layer_idx)
-    if plan is not None:
-        index, slot = plan.index.to(visual.device), plan.slot_valid.to(visual.device)
-        visual, valid, text = (m.gather(1, index) & slot for m in (visual, valid, text))
-    return PromptLayout(visual.to(device), valid.to(device), text.to(device))
+    layout = layout_at(state, layer_idx)
+    return None if layout is None else PromptLayout(*(m.to(device) for m in layout))
 
 
 @register

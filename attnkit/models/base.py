@@ -54,11 +54,11 @@ class ModelAdapter:
 
     @property
     def vision_tower(self) -> torch.nn.Module:
-        raise NotImplementedError
+        return self.model.model.vision_tower
 
     @property
     def projector(self) -> torch.nn.Module:
-        raise NotImplementedError
+        return self.model.model.multi_modal_projector
 
     @property
     def image_token_id(self) -> int:

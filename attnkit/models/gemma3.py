@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from attnkit.models.base import ModelAdapter, PruningComing
 
 
@@ -26,14 +24,6 @@ class Gemma3Adapter(PruningComing, ModelAdapter):
                                  "re-encoding does not handle yet")
 
     families = {"Gemma3ForConditionalGeneration": "gemma3"}
-
-    @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
 
     @property
     def layer_types(self) -> list[str]:

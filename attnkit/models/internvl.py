@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from attnkit.models.base import ModelAdapter, PruningComing
 
 
@@ -22,14 +20,6 @@ class InternVLAdapter(PruningComing, ModelAdapter):
                                  "re-encoding does not handle yet")
 
     families = {"InternVLForConditionalGeneration": "internvl"}
-
-    @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
 
     @property
     def tokens_per_tile(self) -> int:

@@ -20,14 +20,6 @@ class LlavaAdapter(ModelAdapter):
 
     families = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
 
-    @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
-
     vision_scores = ("cls", "received")
 
     @property
