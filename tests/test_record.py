@@ -98,3 +98,22 @@ def test_record_with_fastv_records_full_then_kept_layers(tiny):
         for b in range(2):
             assert rec.last_query[layer][b].shape[-1] == 6
             assert 0 <= float(rec.visual_share[layer][b].min()) and float(rec.visual_share[layer][b].max()) <= 1
+
+
+def test_attention_maps_with_a_pruner_put_kept_tokens_where_they_are(tiny):
+    """``attnkit inspect --with cls-prune``: the kept tokens' weights sit at their patches; dropped ones are NaN."""
+    from attnkit.eval.report import attention_maps
+
+    model, processor = tiny("llava")
+    image = testing.tiny_image(3)
+    grids, _ = attention_maps(model, processor, image, "describe this image", extra=["cls-prune:keep=5"])
+    with attnkit.intervene(model, "cls-prune:keep=5") as handle, torch.no_grad():
+        model(**attnkit.models.prompts.build_inputs(processor, "describe this image", image))
+        kept = handle.stats()["cls-prune"]["kept_positions"][0]
+    ids = attnkit.models.prompts.build_inputs(processor, "describe this image", image)["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().squeeze(1).tolist()
+    ranks = sorted(visual.index(p) for p in kept)
+    for grid in grids.values():
+        flat = torch.tensor(grid).flatten()
+        assert grid.shape == (4, 4)
+        assert torch.isfinite(flat[ranks]).all() and int(torch.isnan(flat).sum()) == 16 - 5

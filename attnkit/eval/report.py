@@ -223,7 +223,8 @@ def visual_grid(family: str, config, inputs: Mapping[str, Any], n_visual: int) -
 def attention_maps(model, processor, image, prompt: str, layers: Sequence[int] | None = None,
                    extra: Sequence[str] = ()) -> tuple[dict[int, Any], str]:
     """Per decoder layer, the last prompt token's attention over the visual tokens, mean over heads, as a
-    [rows, cols] numpy grid (1 × V when the layout is unknown, e.g. after pruning); and the model family.
+    [rows, cols] numpy grid (1 × V when the layout is unknown); and the model family. With a token dropper
+    the kept tokens are drawn where they sit in the image; dropped ones are blank (NaN).
 
     From the ``record`` intervention's ``last_query`` maps ([H, V] per layer), recorded in one forward pass.
     """
@@ -239,8 +240,13 @@ def attention_maps(model, processor, image, prompt: str, layers: Sequence[int] |
         model(**inputs)
         family = handle.adapter.family
     grids = {}
+    visual = (inputs["input_ids"][0] == handle.adapter.image_token_id).nonzero().squeeze(1).cpu()
     for layer, per_sample in sorted(rec.last_query.items()):
-        weights = per_sample[0].float().mean(0)                      # [V]
+        weights = per_sample[0].float().mean(0)                      # [V kept]
+        if weights.numel() != len(visual):                           # pruned: back to the image's token order
+            full = torch.full((len(visual),), float("nan"))
+            full[torch.searchsorted(visual, rec.last_query_positions[layer][0])] = weights
+            weights = full
         shape = visual_grid(family, model.config, inputs, weights.numel())
         if shape is None:
             grids[layer] = weights[None].numpy()

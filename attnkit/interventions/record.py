@@ -22,7 +22,8 @@ class Record(Intervention):
       sample b after its first visual token (they can see the image; padding excluded), V_b its
       visual tokens; NaN if T_b is empty.
     - ``last_query[l][b]`` = ``P_lh[q_last, V_b]`` as [H, |V_b|]: what the last prompt token (the one
-      that predicts the first answer token) looks at in the image, in visual-token order.
+      that predicts the first answer token) looks at in the image, in visual-token order;
+      ``last_query_positions[l][b]`` are the prompt positions of those columns.
 
     Probabilities are computed as eager attention does, in chunks of query rows; the layer's output
     still comes from the model's own implementation, so recording does not change any logit. With a
@@ -37,12 +38,13 @@ class Record(Intervention):
         super().__post_init__()
         self.visual_share: dict[int, torch.Tensor] = {}
         self.last_query: dict[int, list[torch.Tensor]] = {}
+        self.last_query_positions: dict[int, list[torch.Tensor]] = {}   # prompt positions of last_query's columns
 
     def attention_layers(self, ctx) -> list[int]:
         return list(range(ctx.adapter.num_layers)) if self.layers is None else list(self.layers)
 
     def reset(self) -> None:
-        self.visual_share, self.last_query = {}, {}
+        self.visual_share, self.last_query, self.last_query_positions = {}, {}, {}
 
     def on_attention(self, call) -> None:
         spans = call.state.spans
@@ -64,6 +66,9 @@ class Record(Intervention):
         n_text = text.sum(-1).float()[:, None]
         self.visual_share[call.layer_idx] = (total / n_text).cpu()
         self.last_query[call.layer_idx] = [last[b][:, visual[b]].cpu() for b in range(B)]
+        plan = call.state.plan_at(call.layer_idx)
+        index = torch.arange(visual.shape[1]).expand(B, -1) if plan is None else plan.index.cpu()
+        self.last_query_positions[call.layer_idx] = [index[b][visual[b].cpu()] for b in range(B)]
 
     def stats(self) -> dict[str, Any]:
         if not self.visual_share:
