@@ -301,3 +301,18 @@ def test_sparsevlm_raters_scores_and_recycled_rows_equal_a_hand_computation(tiny
         slots = {int(t): i for i, t in enumerate(plan.index[b].tolist())}
         for t, row in expected_rows[b].items():
             torch.testing.assert_close(entering["h"][b, slots[t]], row.to(entering["h"]), rtol=1e-5, atol=1e-6)
+
+
+def test_budget_ratios_are_validated():
+    for spec in ("visionzip:contextual=1.5", "sparsevlm:keep=1.5"):
+        with pytest.raises(ValueError, match="is out of range; allowed: a count >= 1 or a ratio in"):
+            attnkit.build(spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_contextual_tokens_on_a_gpu():
+    keys, features = torch.randn(20, 8, device="cuda"), torch.randn(20, 4, device="cuda")
+    targets, merged = contextual_tokens(keys, features, 3)
+    ref_targets, ref = contextual_tokens(keys.cpu(), features.cpu(), 3)
+    assert targets.tolist() == ref_targets.tolist()
+    torch.testing.assert_close(merged.cpu(), ref)

@@ -28,8 +28,9 @@ class DART(Pruner):
       layers >= K, kept tokens keep their original positions (as the code's gapped ``position_ids``).
 
     Defaults are the released scripts' (K = 2, pivots 4 + 4, ``keep`` = ``max_num_trunction`` = 128); a
-    ratio is N·keep (Qwen's ``reduction_ratio`` path). The code iterates pivots in Python ``set`` order
-    (hash order, which changes the greedy result); here they go in prompt order, image pivots first.
+    ratio r gives ``per = ⌊N·r / (pivots + text_pivots)⌋`` (the Qwen code's ``int(N(1-ratio)/8)``); the
+    released LLaVA-NeXT runs use ``keep=320`` (``retain_token_num_for_llava_next``). The code iterates pivots
+    in Python ``set`` order (hash order, which changes the greedy result); here in prompt order, image first.
     """
 
     name = "dart"
@@ -49,13 +50,15 @@ class DART(Pruner):
         return (self.k,)
 
     def select(self, view: SampleView) -> torch.Tensor:
+        if view.keys is None:
+            raise RuntimeError("dart: layer k-1's keys were not recorded for this prefill (a cached prefix?)")
         budget = count(self.keep, view.n, "keep", f"sample {view.sample}")
         keys = view.keys.float()                                              # [H_kv, L, d]
         norms = keys.abs().sum(-1).sum(0).cpu()                               # ‖k_i‖₁ over all heads: [L]
         text = view.text.cpu().nonzero().squeeze(1)
         img_pivots = torch.topk(norms[view.slots], min(self.pivots, view.n)).indices.sort().values
         txt_pivots = text[torch.topk(norms[text], min(self.text_pivots, len(text))).indices].sort().values
-        per = budget // (self.pivots + self.text_pivots)
+        per = (int(view.n * self.keep) if isinstance(self.keep, float) else budget) // (self.pivots + self.text_pivots)
         h = view.final_norm(view.hidden_all).float()
         h = h / h.norm(dim=-1, keepdim=True)
         visual_h = h[view.slots.to(h.device)]

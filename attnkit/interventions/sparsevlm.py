@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from attnkit.interventions.base import param, register
-from attnkit.interventions.pruning import Pruner, SampleView, Selection
+from attnkit.interventions.pruning import Pruner, SampleView, Selection, check_budget
 
 # the released v1.5 budgets after each pruning layer for LLaVA-1.5's 576 tokens (a 32-layer average of 192/...)
 BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -25,7 +25,7 @@ class SparseVLM(Pruner):
     ``B_ℓ`` visual tokens stay (at most N_cur − 1). Recycling: of the dropped, the top ``⌊0.3·n_del⌋+1`` by s
     are clustered by DPC-kNN into ``⌊n/10⌋+1`` clusters (distance ‖x_i−x_j‖/√D, k = clusters neighbours,
     density exp(−mean d²), centres = top δ·density) and each cluster becomes one token, the mean of its
-    members' states, placed at its centre's position.
+    members' states, placed at its centre's position (the code appends them after the kept visual tokens).
 
     - ``keep``: LLaVA-1.5's setting 192 / 128 / 96 / 64, i.e. the released v1.5 budgets B_ℓ after layers
       2, 6, 15 (e.g. 192 -> 300, 200, 110 of 576; their 32-layer average is the setting), scaled to the
@@ -43,6 +43,10 @@ class SparseVLM(Pruner):
     scale: float = param(13.5, low=0, low_open=True, doc="adaptive: tokens per unit of rank")
     recycle: bool = param(True, doc="merge the best dropped tokens into a few (token recycling)")
     inside = frozenset({"attention"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_budget(self.name, "keep", self.keep)
 
     def attach(self, ctx) -> None:
         super().attach(ctx)
@@ -79,7 +83,10 @@ class SparseVLM(Pruner):
         score = probs.mean(0)[view.slots.to(probs.device)].cpu()
         stage = self.stages(self._ctx.adapter.num_layers).index(view.layer)
         if self.adaptive:
-            n_keep = int(torch.linalg.matrix_rank(probs[:, view.slots.to(probs.device)].float())) * self.scale
+            rank = int(torch.linalg.matrix_rank(probs[:, view.slots.to(probs.device)].float()))
+            if rank >= view.n:
+                return None                  # v1: a full-rank block prunes nothing at this layer
+            n_keep = rank * self.scale
         else:
             n_keep = self.budget(stage, self._ctx.state.spans.counts()[view.sample])
         n_keep = min(int(n_keep), view.n - 1)
@@ -105,8 +112,6 @@ def recycle(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]
     density = torch.exp(-(knn**2).mean(-1))
     higher = density[None, :] > density[:, None]
     delta = torch.where(higher, dist, dist.max()).min(-1).values
-    top = density.argmax()
-    delta[top] = dist[top].max()
     centres = torch.topk(delta * density, c).indices
     assign = dist[:, centres].argmin(-1)
     assign[centres] = torch.arange(c, device=x.device)

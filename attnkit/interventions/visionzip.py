@@ -17,8 +17,9 @@ class VisionZip(Pruner):
 
     At the vision layer whose output feeds the LLM (CLIP layer -2), per image:
 
-    - dominant: ``D = topk_j s_j`` with ``s_j = Σ_h A_h[cls, j]`` (the [CLS] row; Qwen-VL has no [CLS]:
-      the mean attention each token receives, pooled over the 2x2 merge unit, as for ``cls-prune``);
+    - dominant: ``D = topk_j s_j`` with ``s_j = Σ_h A_h[cls, j]`` (the code's head sum; a head mean here, the
+      same ranking; Qwen-VL has no [CLS]: the mean attention each token receives, pooled over the 2x2 merge
+      unit, as for ``cls-prune``);
     - contextual: the remaining M tokens in order; targets ``t = 0, step, 2·step, …`` (``step = ⌊M/C⌋``,
       the first C); every other remaining token j joins ``argmax_t cos(k̄_j, k̄_t)`` (k̄: that layer's keys,
       head mean); ``c_t = X_t + mean_{j→t} X_j`` on the layer's output rows X (the projector's input),
@@ -29,9 +30,10 @@ class VisionZip(Pruner):
     162 + 30 for 192). The released code counts the [CLS] state inside ``dominant`` (54 = 53 patches +
     [CLS], fed to the projector); HF LLaVA never feeds [CLS], so ``visionzip:contextual=0,dominant=D``
     keeps exactly what ``cls-prune:keep=D`` keeps. Merging uses ``target + mean(members)`` as the code
-    does (not a mean over target ∪ members). LLaVA-NeXT: dominant tokens are shared between the base
-    crop and the grid as ``cls-prune``'s shared budget; contextual targets are taken over the whole
-    image's remaining tokens (the released code pools every crop's contextual tokens at the end too).
+    does (not a mean over target ∪ members). LLaVA-NeXT: here dominant tokens are shared between the
+    base crop and the grid as ``cls-prune``'s shared budget and contextual targets are taken over the whole
+    image's remaining tokens; the released code instead runs VisionZip on each 336² crop (D + C per crop,
+    merging within the crop, no unpadding) and only places the contextual tokens together at the end.
     Qwen-VL: keys are taken before the rotary embedding and pooled over the merge unit; merging acts
     on the merger's input units.
     """
@@ -40,7 +42,7 @@ class VisionZip(Pruner):
     dominant: int | float = param(54, low=0, low_open=True, doc="dominant tokens per image: count or ratio")
     contextual: int | float = param(10, low=0, doc="contextual (merged) tokens per image: count or ratio")
     vision = frozenset({"score", "keys", "features"})
-    budget_fields = ("dominant",)
+    budget_fields = ("dominant", "contextual")
 
     def check(self, ctx) -> None:
         fixed = ctx.adapter.fixed_visual_tokens
@@ -73,7 +75,7 @@ def contextual_tokens(keys: torch.Tensor, features: torch.Tensor, c: int) -> tup
     is_target[targets] = True
     members = (~is_target).nonzero().squeeze(1)
     unit = keys / keys.norm(dim=-1, keepdim=True)
-    assign = (unit[members] @ unit[targets].T).argmax(-1)                   # [members] -> target slot
+    assign = (unit[members] @ unit[targets].T).argmax(-1).cpu()             # [members] -> target slot
     flat = features.float().reshape(m, -1)
     sums = torch.zeros(c, flat.shape[1]).index_add_(0, assign, flat[members].cpu())
     counts = torch.bincount(assign, minlength=c).clamp(min=1)[:, None]
