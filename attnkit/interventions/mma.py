@@ -121,7 +121,7 @@ class MMA(Intervention):
         plans = [p for p in self._state.keep_plans if kwargs.get("kv_length") == p.index.shape[1] != img.shape[1]]
         plan = plans[-1] if plans else None
         if plan is not None:
-            # layers after a token dropper (published as ``state.keep_plan``) see only the kept positions
+            # layers after a token dropper (its plans on ``state.keep_plans``) see only the kept positions
             index, slot = plan.index.to(img.device), plan.slot_valid.to(img.device)
             img, txt = img.gather(1, index) & slot, txt.gather(1, index) & slot
         # any other layout (an unknown shortened sequence, another batch) keeps the plain causal mask
