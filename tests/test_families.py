@@ -479,3 +479,21 @@ def test_two_branch_methods_generate_or_are_refused_with_the_reason(tiny, family
         with pytest.raises(ValueError, match=f"vcd is not supported on {family} yet: "):
             attnkit.wrap(model, "vcd")
         assert attnkit.handle_of(model) is None
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_saved_folder_loads_with_an_image_processor(tmp_path, family):
+    """``attnkit eval --model DIR`` on a saved folder: a processor that takes images (the stock Qwen3-VL one needs
+    torchvision), with the same outputs as the offline one. (The tiny OneVision / InternVL processors do not
+    save their processor-level settings, so their reloaded folders differ from the offline processor.)"""
+    from attnkit.eval.loading import load_processor
+
+    testing.save_tiny(family, tmp_path)
+    loaded, offline = load_processor(tmp_path), testing.tiny_processor(family)
+    prompt = testing.tiny_prompt(offline, "describe this image")
+    image = testing.tiny_image(1)
+    a = loaded(images=[image], text=[prompt], return_tensors="pt")
+    b = offline(images=[image], text=[prompt], return_tensors="pt")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,41 +75,43 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device_map: 
 
 
 def load_processor(path: str | Path, family: str | None = None):
-    """``AutoProcessor.from_pretrained(path)``; for Qwen-VL without torchvision, the image-only processor.
+    """``AutoProcessor.from_pretrained(path)``; without torchvision, the family's image-only processor.
 
-    Without torchvision ``AutoProcessor`` of a Qwen-VL folder silently returns the tokenizer; then the
-    image processor is read with ``Qwen2VLImageProcessorPil.from_pretrained`` and joined to the tokenizer
-    in :func:`attnkit.models.processors.qwen_image_processor_class` (same outputs as the stock processor).
+    Without torchvision ``AutoProcessor`` of a Qwen-VL / Qwen3-VL / LLaVA-OneVision / InternVL folder silently
+    returns the tokenizer (their stock processors build a video processor); then the image processor is read
+    with ``AutoImageProcessor`` and joined to the tokenizer in
+    :func:`attnkit.models.processors.image_only_processor_class` (same outputs as the stock processor).
     """
-    from transformers import AutoProcessor
+    from transformers import AutoImageProcessor, AutoProcessor
     from transformers.processing_utils import ProcessorMixin
+
+    from attnkit.models.processors import IMAGE_ONLY_FAMILIES, image_only_processor_class
 
     path = _check_dir(path)
     processor = AutoProcessor.from_pretrained(path)
     if isinstance(processor, ProcessorMixin):
         return processor
     family = family or _family_of(path)
-    if family not in ("qwen2_vl", "qwen2_5_vl"):
+    if family not in IMAGE_ONLY_FAMILIES:
         raise ValueError(f"AutoProcessor.from_pretrained({str(path)!r}) gave a {type(processor).__name__}, not a "
                          f"multimodal processor; the folder needs processor_config.json / preprocessor_config.json")
-    from transformers import Qwen2VLImageProcessorPil
-
-    from attnkit.models.processors import qwen_image_processor_class
-
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
     template = path / "chat_template.jinja"
     chat_template = template.read_text() if template.is_file() else getattr(processor, "chat_template", None)
-    return qwen_image_processor_class(family)(image_processor=image_processor, tokenizer=processor,
-                                              chat_template=chat_template)
+    saved = path / "processor_config.json"   # the processor's own settings (e.g. InternVL's image_seq_length)
+    options = json.loads(saved.read_text()) if saved.is_file() else {}
+    options = {k: v for k, v in options.items() if k not in ("image_processor", "video_processor", "processor_class",
+                                                             "chat_template", "tokenizer")}
+    return image_only_processor_class(family)(image_processor=image_processor, tokenizer=processor,
+                                              chat_template=chat_template, **options)
 
 
 def _family_of(path: Path) -> str | None:
     from transformers import AutoConfig
 
-    from attnkit.models.llava import LlavaAdapter
-    from attnkit.models.qwen_vl import QwenVLAdapter
+    from attnkit.models.base import family_names
 
-    families = {**LlavaAdapter.families, **QwenVLAdapter.families}
+    families = family_names()
     for name in AutoConfig.from_pretrained(path).architectures or []:
         if name in families:
             return families[name]

@@ -171,6 +171,11 @@ def _adapters() -> tuple[type[ModelAdapter], ...]:
     return (LlavaAdapter, QwenVLAdapter, Qwen3VLAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter)
 
 
+def family_names() -> dict[str, str]:
+    """``{model class name: family}`` for every supported class."""
+    return {name: family for a in _adapters() for name, family in a.families.items()}
+
+
 def supported_classes() -> list[str]:
     return [name for a in _adapters() for name in a.families]
 

@@ -32,6 +32,9 @@ def qwen_image_processor_class(family: str) -> type:
     return type(name, (base,), {"__init__": __init__, "video_processor": None, "__module__": __name__})
 
 
+IMAGE_ONLY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+
+
 @cache
 def image_only_processor_class(family: str) -> type:
     """The stock processor of ``family`` without its video processor (same call, same outputs for images).
