@@ -272,7 +272,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(model_path, dtype=args.dtype, device_map=_device_map(args.device))
     paths = report.save_attention_maps(model, processor, image, args.prompt, args.out, layers=layers,
                                        extra=split_specs(args.with_ or ""))
-    print(f"wrote {len(paths)} PNG(s) to {args.out}/")
+    print(f"wrote {len(paths)} PNG(s) and attention.json to {args.out}/")
     return 0
 
 

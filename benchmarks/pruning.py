@@ -1,4 +1,4 @@
-"""Visual-token pruning: prefill, decode and KV-cache cost of cls-prune and fastv against the baseline.
+"""Visual-token pruning: prefill, decode and KV-cache cost of the seven pruners at equal budgets vs the baseline.
 
     python -m benchmarks.pruning [--repeats 3] [--decode 8] [--families llava qwen2_vl] [--size mid|7b] [--no-vte]
 

@@ -187,3 +187,17 @@ def test_static_cache_is_refused_with_interventions(tiny, family):
     finally:
         model.generation_config.cache_implementation = None
     _assert_clean(model, "sdpa")
+
+
+def test_available_shows_ranges_only_where_there_are_bounds_and_whole_first_paragraphs():
+    info = attnkit.available()
+    assert info["pai"]["params"]["cfg"]["allowed"] == "any"
+    assert info["vte"]["params"]["calibration"]["allowed"] == "any"
+    assert info["cls-prune"]["params"]["score"]["allowed"].startswith("one of")
+    assert info["cls-prune"]["doc"].endswith('Visual Token Pruning", arXiv 2412.01818).')
+
+
+def test_find_sink_dims_takes_one_processor_output(tiny):
+    model, processor = tiny("llava")
+    inputs = testing.tiny_inputs(processor)
+    assert attnkit.find_sink_dims(model, inputs, tau=1.0) == attnkit.find_sink_dims(model, [inputs], tau=1.0)

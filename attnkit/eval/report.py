@@ -286,7 +286,10 @@ def save_attention_maps(model, processor, image, prompt: str, out_dir: str | Pat
         ax.set_title(f"{where}: last prompt token → image (head mean)", fontsize=8)
         name = "mean.png" if layer == "mean" else f"layer{layer:02d}.png"
         paths.append(_save(fig, out_dir / name))
-    raw = {"family": family, "prompt": prompt, "layers": {str(k): v.tolist() for k, v in grids.items()}}
+    def plain(values):   # valid JSON: dropped tokens (NaN) as null
+        return [plain(v) if isinstance(v, list) else (None if v != v else v) for v in values]
+
+    raw = {"family": family, "prompt": prompt, "layers": {str(k): plain(v.tolist()) for k, v in grids.items()}}
     (out_dir / "attention.json").write_text(json.dumps(raw))
     return paths
 

@@ -104,6 +104,11 @@ def _allowed(f: dataclasses.Field) -> str:
     return f"in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
 
 
+def _bounded(f: dataclasses.Field) -> bool:
+    m = f.metadata
+    return bool(m) and (m.get("choices") is not None or m.get("low") is not None or m.get("high") is not None)
+
+
 def _check_range(name: str, f: dataclasses.Field, value) -> None:
     m = f.metadata
     if value is None or not m:
@@ -228,7 +233,8 @@ def available() -> dict[str, dict[str, Any]]:
         cls = REGISTRY[name]
         hints = typing.get_type_hints(cls)
         params = {f.name: {"default": f.default, "type": _type_name(hints[f.name]),
-                           "allowed": _allowed(f) if f.metadata else "any", "doc": f.metadata.get("doc", "")}
+                           "allowed": _allowed(f) if _bounded(f) else "any", "doc": f.metadata.get("doc", "")}
                   for f in dataclasses.fields(cls)}
-        out[name] = {"doc": (cls.__doc__ or "").strip().splitlines()[0], "params": params}
+        first = (cls.__doc__ or "").strip().split("\n\n")[0]     # the docstring's first paragraph, on one line
+        out[name] = {"doc": " ".join(first.split()), "params": params}
     return out

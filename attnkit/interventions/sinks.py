@@ -74,7 +74,7 @@ def rank_sink_dims(count: torch.Tensor, peak: torch.Tensor, top_k: int = 2) -> t
 
 def find_sink_dims(model: torch.nn.Module, inputs_list: Iterable[Mapping], tau: float = 20.0, top_k: int = 2,
                    layers: Iterable[int] | None = None) -> tuple[int, ...]:
-    """The model's sink dimensions, found from forward passes over ``inputs_list`` (processor outputs).
+    """The model's sink dimensions, found from forward passes over ``inputs_list`` (processor outputs, or one).
 
     For each hidden state entering the decoder ``layers`` (default 2 ... L-1: the paper sees sinks from
     layer 2 on) at every valid token, the ratio ``|x[d]| / RMS(x)`` is taken per dimension d. A dimension
@@ -85,6 +85,8 @@ def find_sink_dims(model: torch.nn.Module, inputs_list: Iterable[Mapping], tau: 
     """
     from attnkit.models.base import get_adapter
 
+    if isinstance(inputs_list, Mapping):    # one processor output
+        inputs_list = [inputs_list]
     adapter = get_adapter(model)
     n = adapter.num_layers
     chosen = list(range(min(2, n - 1), n)) if layers is None else list(layers)
