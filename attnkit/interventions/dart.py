@@ -40,11 +40,7 @@ class DART(Pruner):
     text_pivots: int = param(4, low=0, doc="text pivot tokens (pivot_text_token)")
     inside = frozenset({"keys"})
     budget_fields = ("keep",)
-
-    def check(self, ctx) -> None:
-        if self.k >= ctx.adapter.num_layers:
-            raise ValueError(f"dart: k={self.k} is out of range; this model has layers 0..{ctx.adapter.num_layers - 1}"
-                             f", so use 1 <= k <= {ctx.adapter.num_layers - 1}")
+    stage_field = "k"
 
     def stages(self, num_layers: int) -> tuple[int, ...]:
         return (self.k,)

@@ -33,11 +33,7 @@ class FastV(Pruner):
     rank: str = param("last", choices=("last", "mean"), doc="attention row(s) that rank tokens: code / paper")
     inside = frozenset({"attention"})
     budget_fields = ("keep",)
-
-    def check(self, ctx) -> None:
-        if self.k >= ctx.adapter.num_layers:
-            raise ValueError(f"fastv: k={self.k} is out of range; this model has layers 0..{ctx.adapter.num_layers - 1}"
-                             f", so use 1 <= k <= {ctx.adapter.num_layers - 1}")
+    stage_field = "k"
 
     def stages(self, num_layers: int) -> tuple[int, ...]:
         return (self.k,)

@@ -158,6 +158,7 @@ class Pruner(Intervention):
     vision: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[frozenset[str]] = frozenset()
     budget_fields: ClassVar[tuple[str, ...]] = ()   # count-or-ratio fields, checked against fixed token counts
+    stage_field: ClassVar[str | None] = None        # the int field naming the stage layer, checked at wrap()
 
     def __post_init__(self):
         super().__post_init__()
@@ -189,6 +190,11 @@ class Pruner(Intervention):
     def attach(self, ctx) -> None:
         self._ctx = ctx
         adapter = ctx.adapter
+        n = adapter.num_layers
+        if self.stage_field is not None and getattr(self, self.stage_field) >= n:
+            f = self.stage_field
+            raise ValueError(f"{self.name}: {f}={getattr(self, f)} is out of range; this model has layers 0..{n - 1}, "
+                             f"so use 1 <= {f} <= {n - 1}")
         fixed = adapter.fixed_visual_tokens
         for f in self.budget_fields:
             value = getattr(self, f)
@@ -196,7 +202,7 @@ class Pruner(Intervention):
                 raise ValueError(f"{self.name}: {f}={value} exceeds the {fixed} visual tokens every image has on "
                                  f"{adapter.family}; use {f} <= {fixed} or a ratio in (0, 1]")
         self.check(ctx)
-        stages = self.stages(adapter.num_layers)
+        stages = self.stages(n)
         if stages is not None and 0 in stages:
             wants = frozenset(self.score_kind(adapter) if w == "score" else w for w in self.vision)
             adapter.install_vision_capture(ctx.installed, wants, self._on_vision)
