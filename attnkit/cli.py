@@ -214,7 +214,9 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
     if "baseline" not in configs:
         configs = ["baseline", *configs]
     bench = _benchmark(args, data, DEMO_BENCH_OPTIONS if args.model is None else None)
-    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / bench.name
+    demo_kind = getattr(args, "demo", None) if args.model is None else None
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / (bench.name + (f"_{demo_kind}" if demo_kind == "prone"
+                                                                              else ""))
     settings = runner.RunSettings(str(model), max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype,
                                   quantization=args.quant)
     results = runner.evaluate(bench, configs, out, settings, device_map=_device_map(args.device),
@@ -349,7 +351,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="benchmark data folder (published format)")
     p.add_argument("--demo", choices=["clean", "prone"], help="without --model/--data: the embedded demo's data set "
                    "(clean, default; prone: weak, ambiguous evidence where the model's co-occurrence prior decides)")
-    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>); rerunning resumes")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>, <bench>_prone for --demo prone); "
+                   "rerunning resumes")
     p.add_argument("--limit", type=_positive_int, help="first N samples of each split")
     p.add_argument("--splits", help="comma-separated splits (default: all found)")
     p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",
