@@ -529,3 +529,54 @@ def padded_inputs(processor, batch: int, side: str, seed: int = 0, **kw):
         return tiny_inputs(processor, batch=batch, seed=seed, **kw)
     finally:
         tok.padding_side = before
+
+
+def pai_answer_rows(prompt_len: int, visual: torch.Tensor, alpha: float = 0.2, start_layer: int = 2):
+    """A reference intervention for PAI's attention step in a no-cache loop: every query row at or after the
+    last prompt row (the row that predicts the next token, in turn) gets ``z += alpha·|z|`` on the prompt's
+    image keys (``visual`` [B, prompt_len]), in layers ``start_layer`` on."""
+    import dataclasses
+
+    from attnkit.interventions.base import Intervention
+
+    @dataclasses.dataclass
+    class AnswerRows(Intervention):
+        name = "reference-pai-answer-rows"
+
+        def attention_layers(self, ctx):
+            return range(start_layer, ctx.adapter.num_layers)
+
+        def on_attention(self, call):
+            def edit(rows, scores):
+                scores = scores.clone()
+                for i in range(rows.start, rows.stop):
+                    if i >= prompt_len - 1:
+                        z = scores[:, :, i - rows.start, :prompt_len]
+                        img = visual[:, None, :]
+                        scores[:, :, i - rows.start, :prompt_len] = torch.where(img, z + alpha * z.abs(), z)
+                return scores
+
+            call.edit_scores(edit)
+
+    return AnswerRows()
+
+
+def fixed_heads(factors: dict):
+    """A reference intervention: scale the per-head outputs of layer l by ``factors[l]`` (nothing else), e.g.
+    VHR's heads chosen at prefill, fixed for a no-cache loop."""
+    import dataclasses
+
+    from attnkit.interventions.base import Intervention
+
+    @dataclasses.dataclass
+    class FixedHeads(Intervention):
+        name = "reference-fixed-heads"
+
+        def attention_layers(self, ctx):
+            return list(factors)
+
+        def on_attention(self, call):
+            f = factors[call.layer_idx]
+            call.edit_output(lambda out: out * f)
+
+    return FixedHeads()

@@ -97,47 +97,6 @@ def test_qwen3_5_is_refused(tiny):
 
 
 # --- every non-pruning method, end to end ---------------------------------------------------------------
-@dataclasses.dataclass
-class AnswerRows(Intervention):
-    """Reference for pai in a no-cache loop: amplify the rows from the last prompt row on (each one is, in
-    turn, the row that predicts the next token) on the prompt's image keys."""
-
-    name = "test-answer-rows"
-    alpha: float = 0.2
-    prompt_len: int = 0
-    visual: object = None
-
-    def attention_layers(self, ctx):
-        return range(2, ctx.adapter.num_layers)
-
-    def on_attention(self, call):
-        def edit(rows, scores):
-            scores = scores.clone()
-            for i in range(rows.start, rows.stop):
-                if i >= self.prompt_len - 1:
-                    z = scores[:, :, i - rows.start, :self.prompt_len]
-                    img = self.visual[:, None, :]
-                    scores[:, :, i - rows.start, :self.prompt_len] = torch.where(img, z + self.alpha * z.abs(), z)
-            return scores
-
-        call.edit_scores(edit)
-
-
-@dataclasses.dataclass
-class FixedHeads(Intervention):
-    """Reference for vhr in a no-cache loop: the heads it chose at the first step, scaled at every forward."""
-
-    name = "test-fixed-heads"
-    factors: object = None
-
-    def attention_layers(self, ctx):
-        return list(self.factors)
-
-    def on_attention(self, call):
-        f = self.factors[call.layer_idx]
-        call.edit_output(lambda out: out * f)
-
-
 @pytest.mark.parametrize("family", NEW)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_record_generate_equals_unwrapped(tiny, family, batch):
@@ -185,7 +144,7 @@ def test_pai_identity_effect_and_generate(tiny, family, batch, impl):
             changed = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=4, **GEN)
         visual = inputs["input_ids"] == model.config.image_token_id
-        with attnkit.intervene(model, AnswerRows(prompt_len=visual.shape[1], visual=visual)):
+        with attnkit.intervene(model, testing.pai_answer_rows(visual.shape[1], visual)):
             loop = testing.greedy_reference(model, inputs, 4, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-5
@@ -250,7 +209,7 @@ def test_vhr_identity_effect_and_generate(tiny, family, batch):
         with attnkit.intervene(model, vhr):
             changed = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
-        with attnkit.intervene(model, FixedHeads(factors=dict(vhr._factor))):
+        with attnkit.intervene(model, testing.fixed_heads(dict(vhr._factor))):
             loop = testing.greedy_reference(model, inputs, 3, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3

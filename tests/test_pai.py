@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import pytest
@@ -13,7 +12,6 @@ from attnkit import testing
 from attnkit.api import RunState
 from attnkit.hooks.attention import AttentionCall, LayerHook
 from attnkit.hooks.spans import VisualSpans
-from attnkit.interventions.base import Intervention
 from attnkit.interventions.pai import PAI
 
 SPECIAL = testing.SPECIAL_IDS  # random models must not emit image markers (the no-cache loop re-reads them)
@@ -62,32 +60,6 @@ def test_layers_and_spec(tiny):
     assert getattr(model, "_attnkit_handle", None) is None
 
 
-@dataclasses.dataclass
-class AnswerRows(Intervention):
-    """Test reference: PAI's edit on every query row at or after the last prompt row (what PAI does over a
-    cached generate: the last prompt row at prefill, then each new row), for a no-cache loop."""
-
-    name = "test-pai-answer-rows"
-    alpha: float = 0.2
-    prompt_len: int = 0
-    visual: object = None
-
-    def attention_layers(self, ctx):
-        return range(2, ctx.adapter.num_layers)
-
-    def on_attention(self, call):
-        def edit(rows, scores):
-            scores = scores.clone()
-            for i in range(rows.start, rows.stop):
-                if i >= self.prompt_len - 1:
-                    z = scores[:, :, i - rows.start, :self.prompt_len]
-                    img = self.visual[:, None, :]
-                    scores[:, :, i - rows.start, :self.prompt_len] = torch.where(img, z + self.alpha * z.abs(), z)
-            return scores
-
-        call.edit_scores(edit)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
@@ -101,7 +73,7 @@ def test_family_identity_effect_and_generate(tiny, family):
             changed = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
         visual = inputs["input_ids"] == model.config.image_token_id
-        answer_rows = AnswerRows(alpha=0.2, prompt_len=inputs["input_ids"].shape[1], visual=visual)
+        answer_rows = testing.pai_answer_rows(inputs["input_ids"].shape[1], visual)
         with attnkit.intervene(model, answer_rows):
             loop = testing.greedy_reference(model, inputs, 3, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
@@ -199,7 +171,7 @@ def test_cfg_generate_with_cache_equals_a_no_cache_loop_and_each_sample_alone(ti
 def test_beams_and_return_sequences(tiny, family):
     """Beam search reorders the text-only branch's cache like the model's: cached generate equals generate
     without a cache (each step a full forward of both branches). The attention step alone (no branch): cached
-    beams equal no-cache beams under the AnswerRows reference."""
+    beams equal no-cache beams under the pai_answer_rows reference."""
     model, processor = tiny(family)
     inputs = _batch(processor, [0, 1])
     beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, **GEN)
@@ -209,7 +181,7 @@ def test_beams_and_return_sequences(tiny, family):
     with attnkit.intervene(model, "pai:cfg=false"):
         cached = model.generate(**inputs, **beams)
     visual = (inputs["input_ids"] == model.config.image_token_id).repeat_interleave(3, 0)
-    with attnkit.intervene(model, AnswerRows(alpha=0.2, prompt_len=inputs["input_ids"].shape[1], visual=visual)):
+    with attnkit.intervene(model, testing.pai_answer_rows(inputs["input_ids"].shape[1], visual)):
         assert torch.equal(cached, model.generate(**inputs, use_cache=False, **beams))
     assert cached.shape[0] == 4
 

@@ -3,7 +3,6 @@ layer-by-layer reference, precomputed scores (calibrate), every family end to en
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 
@@ -14,7 +13,6 @@ import attnkit
 from attnkit import testing
 from attnkit.api import RunState
 from attnkit.hooks.attention import AttentionCall, LayerHook
-from attnkit.interventions.base import Intervention
 from attnkit.interventions.vhr import VHR, default_layers, head_divergence, select_heads
 
 SPECIAL = testing.SPECIAL_IDS  # random models must not emit image markers (the no-cache loop re-reads them)
@@ -107,21 +105,6 @@ def test_per_sample_selection_equals_layer_by_layer_reference(tiny, family):
             torch.testing.assert_close(vhr._vhd[layer][b], vhds[layer], rtol=1e-4, atol=1e-5)
 
 
-@dataclasses.dataclass
-class FixedHeads(Intervention):
-    """Test reference: scale the given heads per sample, nothing else (for a no-cache loop)."""
-
-    name = "test-fixed-heads"
-    factors: object = None
-
-    def attention_layers(self, ctx):
-        return list(self.factors)
-
-    def on_attention(self, call):
-        f = self.factors[call.layer_idx]
-        call.edit_output(lambda out: out * f)
-
-
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_family_identity_effect_and_generate(tiny, family):
     model, processor = tiny(family)
@@ -136,7 +119,7 @@ def test_family_identity_effect_and_generate(tiny, family):
             changed = model(**inputs).logits
             out = model.generate(**inputs, max_new_tokens=2, **GEN)
         # heads are chosen once, at the first generation step: a no-cache loop with those heads fixed
-        with attnkit.intervene(model, FixedHeads(factors=dict(vhr._factor))):
+        with attnkit.intervene(model, testing.fixed_heads(dict(vhr._factor))):
             loop = testing.greedy_reference(model, inputs, 2, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3
