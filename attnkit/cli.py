@@ -220,7 +220,8 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
     settings = runner.RunSettings(str(model), max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype,
                                   quantization=args.quant)
     results = runner.evaluate(bench, configs, out, settings, device_map=_device_map(args.device),
-                              retry_errors=args.retry_errors, progress=not args.no_progress)
+                              retry_errors=args.retry_errors, progress=not args.no_progress,
+                              batch_size=args.batch_size)
     if not results:                       # a non-zero rank of a data-parallel run
         return 0
     plots = not args.no_plots
@@ -359,6 +360,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="benchmark option, e.g. image_dir=/data/coco/val2014 (repeatable)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="override the benchmark's generation budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="samples per generate(), grouped by prompt length, left-padded (default: 1 on CPU, 8 on CUDA); "
+                        "answers are those of batch 1, costs are per sample at this batch size")
     p.add_argument("--quant", choices=["4bit", "8bit"], help="bitsandbytes quantization")
     p.add_argument("--retry-errors", action="store_true", help="redo samples recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

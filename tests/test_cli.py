@@ -84,7 +84,7 @@ def test_interrupted_cli_run_exits_130_and_the_rerun_completes(models, tmp_path,
 
     args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "2",
             "--out", str(tmp_path), *FAST]
-    real, calls = runner.generate_one, []
+    real, calls = runner.generate_batch, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -92,11 +92,11 @@ def test_interrupted_cli_run_exits_130_and_the_rerun_completes(models, tmp_path,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "generate_one", flaky)
+    monkeypatch.setattr(runner, "generate_batch", flaky)
     assert cli.main(args) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert [r["id"] for r in _rows(tmp_path, "baseline")] == ["random/1", "random/2", "popular/1"]
-    monkeypatch.setattr(runner, "generate_one", real)
+    monkeypatch.setattr(runner, "generate_batch", real)
     assert cli.main(args) == 0
     ids = [r["id"] for r in _rows(tmp_path, "baseline")]
     assert sorted(ids) == sorted(f"{s}/{i}" for s in ("random", "popular", "adversarial") for i in (1, 2))
@@ -314,14 +314,14 @@ def _one_line_error(capsys, needle: str) -> str:
 def test_a_config_whose_every_sample_fails_exits_non_zero(models, tmp_path, capsys, monkeypatch):
     from attnkit.eval import runner
 
-    real = runner.generate_one
+    real = runner.generate_batch
 
     def broken_when_wrapped(model, processor, handle, *a, **k):
         if handle.interventions:
             raise RuntimeError("this intervention cannot run here")
         return real(model, processor, handle, *a, **k)
 
-    monkeypatch.setattr(runner, "generate_one", broken_when_wrapped)
+    monkeypatch.setattr(runner, "generate_batch", broken_when_wrapped)
     args = ["eval", "--model", str(models["llava"]), "--data", str(DATA / "pope"), "--limit", "1",
             "--compare", "record:layers=0", "--out", str(tmp_path), *FAST]
     assert cli.main(args) == 1

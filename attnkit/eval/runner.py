@@ -14,10 +14,23 @@ only with ``retry_errors=True``.
 Data-parallel (``accelerate launch``): each process takes ``samples[rank::world]`` and writes
 ``….rank{r}.jsonl``; rank 0 merges them into the main file at the end.
 
-Costs per row: ``visual_tokens`` (``visual_tokens_kept`` from an intervention's stats if one reports it, else
-the handle's count), ``prefill_ms``, ``decode_ms_per_token`` (generate's wall time after prefill / decode
-steps), ``peak_mem_mb``: CUDA ``max_memory_allocated`` on GPU; on CPU the peak increase of the process RSS
-during ``generate()`` (``/proc/self/statm`` polled every 20 ms; a lower bound, includes allocator reuse).
+Batches (``batch_size``; default :func:`default_batch_size`: 1 on CPU, 8 on CUDA): the samples still to do are
+sorted by (generation budget, chat-prompt text tokens, image size, order), cut into batches of one budget, left-padded,
+and decoded greedily by one ``generate()`` on the wrapped model. Each sample's row is its own answer: its new tokens up
+to its first EOS. Answers do not depend on the batch size (the interventions keep per-sample kept sets; tested), so the
+batch size is not part of the hash; an intervention whose class says ``batchable = False`` runs at batch 1 (said once).
+An image that cannot be opened fails its own sample only; a batch whose ``generate()`` raises is redone one sample at a
+time, so only the failing samples become error rows. Configs take turns over chunks of ``INTERLEAVE_BATCHES`` batches
+(rows still one file per config), so load that drifts during a run hits every config alike.
+
+Costs per row (names the report reads): ``prompt_tokens`` (this sample's prompt, no padding), ``layer_tokens``
+(per decoder layer, the prompt tokens it processed at prefill after any dropping: the handle's ``layer_tokens``),
+``new_tokens``, ``visual_tokens`` (``visual_tokens_kept`` from an intervention's stats if one reports it, else the
+handle's count), ``batch_size`` (samples in the ``generate()`` that produced the row), and this sample's share of
+that batch's wall time: ``prefill_ms`` = batch prefill / batch size, ``decode_ms_per_token`` = (batch wall time after
+prefill / decode steps) / batch size, ``total_ms`` = batch wall time / batch size; ``peak_mem_mb``: CUDA
+``max_memory_allocated`` during the batch's ``generate()`` (the batch's peak, not divided); None on CPU, where torch
+keeps no allocator statistics (process RSS is allocator noise, not the run's memory).
 """
 
 from __future__ import annotations
@@ -29,7 +42,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,9 +51,10 @@ from typing import Any
 import torch
 
 from attnkit.eval.fingerprint import HashCache, digest, folder_fingerprint, options_fingerprint, samples_fingerprint
-from attnkit.models.prompts import build_inputs, open_image
+from attnkit.models.prompts import build_inputs, chat_prompt, open_image
 
 BASELINE = "baseline"
+INTERLEAVE_BATCHES = 8      # batches of one config before the next config's turn
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -177,10 +190,14 @@ def shard_paths(main: Path) -> list[Path]:
     return sorted(main.parent.glob(main.stem + ".rank*.jsonl"))
 
 
-def merge_shards(main: Path) -> list[dict]:
-    """Fold ``main``'s per-rank files into ``main`` (atomically) and delete them; returns the merged rows."""
+def merge_shards(main: Path, order: Sequence[str] | None = None) -> list[dict]:
+    """Fold ``main``'s per-rank files into ``main`` (atomically) and delete them; returns the merged rows, in
+    ``order`` of ids if given (ids not in it after, as found), so a file reads the same whatever the batching."""
     shards = shard_paths(main)
     rows = merge_rows([read_rows(main)] + [read_rows(p) for p in shards])
+    if order is not None:
+        rank = {i: n for n, i in enumerate(order)}
+        rows = sorted(rows, key=lambda r: rank.get(r["id"], len(rank)))
     if shards or main.exists():
         write_rows(main, rows)
     for p in shards:
@@ -218,88 +235,107 @@ class Shard:
 
 
 # --- costs ---------------------------------------------------------------------------------------
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
-    """``{"mb": ...}`` after the block: CUDA max allocated, or the peak RSS increase on CPU (None if unknown)."""
+    """``{"mb": ...}`` after the block: CUDA ``max_memory_allocated``; None on CPU (torch keeps no CPU allocator
+    statistics, and process RSS measures the allocator, not the run)."""
     out: dict[str, float | None] = {"mb": None}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        return
-    start = _rss_bytes()
-    if start is None:
+    if device.type != "cuda":
         yield out
         return
-    peak, stop = [start], threading.Event()
-
-    def poll():
-        while not stop.wait(0.02):
-            peak[0] = max(peak[0], _rss_bytes() or 0)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes() or 0)
-        out["mb"] = (peak[0] - start) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    yield out
+    out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
 
-MEMORY_NOTE = {"cuda": "CUDA max_memory_allocated", "cpu": "peak process RSS increase during generate (CPU)"}
+MEMORY_NOTE = {"cuda": "CUDA max_memory_allocated (peak of the batch)",
+               "cpu": "n/a on CPU (torch keeps no CPU allocator statistics)"}
 
 
-def visual_tokens(stats: dict[str, Any]) -> int | None:
-    """Visual tokens the LLM saw: an intervention's ``visual_tokens_kept`` if reported, else the handle's count."""
+def default_batch_size(device: torch.device | str) -> int:
+    """1 on CPU (batching buys little on few cores and keeps per-sample costs plain), 8 on CUDA."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
+def visual_tokens(stats: dict[str, Any], sample: int = 0) -> int | None:
+    """Visual tokens the LLM saw in sample ``sample`` of the batch: an intervention's ``visual_tokens_kept`` if
+    reported, else the handle's count."""
     for value in stats.values():
         if isinstance(value, dict) and value.get("visual_tokens_kept") is not None:
-            return _first(value["visual_tokens_kept"])
-    return _first(stats.get("visual_tokens"))
+            return _nth(value["visual_tokens_kept"], sample)
+    return _nth(stats.get("visual_tokens"), sample)
 
 
-def _first(v):
+def _nth(v, i: int):
     if isinstance(v, (list, tuple)):
-        return int(v[0]) if v else None
+        return int(v[i]) if len(v) > i else None
     return None if v is None else int(v)
 
 
-# --- one sample ----------------------------------------------------------------------------------
+# --- one batch ---------------------------------------------------------------------------------
 class ImageError(OSError):
     """A sample's image cannot be opened or decoded; the message names the file."""
 
 
-def generate_one(model, processor, handle, sample, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    """Greedy-decode one sample on a wrapped model; the prediction and its costs."""
+def sample_image(sample):
+    """The sample's image opened as RGB (None without one); :class:`ImageError` naming the file if it fails."""
     try:
-        image = open_image(sample.image)
+        return open_image(sample.image)
     except Exception as e:  # noqa: BLE001 - re-raised with the file's name
         raise ImageError(f"cannot read image {sample.image}: {type(e).__name__}: {e}") from e
-    inputs = build_inputs(processor, sample.question, image).to(model.device)
-    torch.manual_seed(seed)
+
+
+def generate_one(model, processor, handle, sample, max_new_tokens: int, seed: int) -> dict[str, Any]:
+    """Greedy-decode one sample on a wrapped model; the prediction and its costs (:func:`generate_batch` of 1)."""
+    return generate_batch(model, processor, handle, [sample], [sample_image(sample)], max_new_tokens, seed)[0]
+
+
+def generate_batch(model, processor, handle, samples: Sequence, images: Sequence, max_new_tokens: int,
+                   seed: int) -> list[dict[str, Any]]:
+    """Greedy-decode a left-padded batch on a wrapped model in one ``generate()``; per sample its prediction (its
+    new tokens up to its first EOS) and its costs (see the module docstring for how batch costs are shared)."""
+    inputs = build_inputs(processor, [s.question for s in samples], list(images)).to(model.device)
+    torch.manual_seed(seed)           # greedy: only for anything random inside an intervention
     pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
     with peak_memory(model.device) as mem, torch.inference_mode():
         t0 = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=pad)
         total_ms = (time.perf_counter() - t0) * 1e3
-    new = out[0, inputs["input_ids"].shape[1]:]
+    n = len(samples)
     stats = handle.stats()
     prefill = stats.get("prefill_ms")
     steps = stats.get("decode_steps") or 0
-    decode = (total_ms - prefill) / steps if steps and prefill is not None else None
-    return {"prediction": processor.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
-            "visual_tokens": visual_tokens(stats), "prefill_ms": prefill, "decode_ms_per_token": decode,
-            "total_ms": total_ms, "peak_mem_mb": mem["mb"]}
+    decode = (total_ms - prefill) / steps / n if steps and prefill is not None else None
+    layer_tokens = stats.get("layer_tokens")
+    prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+    eos = _eos_ids(model)
+    rows = []
+    for b in range(n):
+        new = _until_eos(out[b, inputs["input_ids"].shape[1]:], eos)
+        rows.append({"prediction": processor.decode(new, skip_special_tokens=True).strip(),
+                     "new_tokens": int(new.numel()), "prompt_tokens": int(prompt_tokens[b]),
+                     "layer_tokens": layer_tokens[b] if layer_tokens is not None else None,
+                     "visual_tokens": visual_tokens(stats, b), "batch_size": n,
+                     "prefill_ms": prefill / n if prefill is not None else None, "decode_ms_per_token": decode,
+                     "total_ms": total_ms / n, "peak_mem_mb": mem["mb"]})
+    return rows
+
+
+def _eos_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _until_eos(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    """A row's new tokens up to and including its first EOS (what ``generate()`` returns for it alone; the rest is
+    the batch's padding while other rows finish)."""
+    for i, token in enumerate(new.tolist()):
+        if token in eos:
+            return new[: i + 1]
+    return new
 
 
 # --- a run ---------------------------------------------------------------------------------------
@@ -388,62 +424,194 @@ def _template_hash(processor) -> str | None:
     return digest([str(t) if t is not None else None for t in templates])[:16] if processor is not None else None
 
 
-def run_config(model, processor, bench, samples: Sequence, config: str, out_dir: Path, settings: RunSettings, *,
-               shard: Shard = Shard(), retry_errors: bool = False, progress: bool = True,
-               after_sample: Callable[[dict], None] | None = None, prints: dict[str, str | None] | None = None,
-               log: Callable[[str], None] | None = None) -> Path:
-    """Generate the rows of one config that are not on disk yet; returns the main JSONL path.
+class ConfigRun:
+    """One (benchmark, config) of a run: its key and JSONL, the samples still to do cut into batches, its writer.
 
     ``prints``: :func:`fingerprints` of this run (computed here if not given).
     """
+
+    def __init__(self, model, processor, bench, samples: Sequence, config: str, out_dir: Path,
+                 settings: RunSettings, *, shard: Shard = Shard(), retry_errors: bool = False,
+                 prints: dict[str, str | None] | None = None, log: Callable[[str], None] | None = None,
+                 batch_size: int = 1):
+        from attnkit.interventions import build
+
+        self.model, self.processor, self.bench, self.settings = model, processor, bench, settings
+        max_new = settings.max_new_tokens or bench.max_new_tokens
+        if prints is None:
+            prints = fingerprints(bench, samples, processor, settings)
+        self.key = key = RunKey(bench.name, canonical(config), settings, max_new, dict(prints))
+        self.main = main = out_dir / f"{key.stem()}.jsonl"
+        mine = shard.path(main)
+        if shard.rank == 0:
+            _write_meta(main, key)
+        repair_jsonl(mine, drop_errors=retry_errors)
+        done = {r["id"] for r in merge_rows([read_rows(p) for p in [main, *shard_paths(main)]])
+                if not (retry_errors and "error" in r)}
+        say = log or _stderr
+        if shard.rank == 0:
+            _say_resume_or_fresh(main, key, len(done), say)
+        todo = [s for s in shard.take(samples) if s.id not in done]
+        self.n_todo = len(todo)
+        unbatchable = [iv.name for iv in map(build, split_specs(key.config)) if not getattr(iv, "batchable", True)]
+        if unbatchable and batch_size > 1 and todo and shard.rank == 0:
+            say(f"attnkit: {bench.name} {key.config}: {', '.join(unbatchable)} cannot batch exactly (a padded batch "
+                f"would change answers); running it at batch size 1 instead of {batch_size}")
+        self.batch_size = 1 if unbatchable else batch_size
+        self.batches = plan_batches(todo, processor, bench, settings, self.batch_size)
+        self._warm = False
+        self.writer = RowWriter(mine)
+
+    def run(self, n_batches: int | None = None, after_sample: Callable[[dict], None] | None = None,
+            bar=None) -> None:
+        """Generate and write the next ``n_batches`` batches (None: all left), under one ``wrap()``."""
+        import attnkit
+
+        n = len(self.batches) if n_batches is None else n_batches
+        batches, self.batches = self.batches[:n], self.batches[n:]
+        if not batches:
+            return
+        handle = attnkit.wrap(self.model, *split_specs(self.key.config))
+        try:
+            if not self._warm:
+                self._warm = True
+                _warm_up(self.model, self.processor, handle, batches[0][0], self.settings.seed)
+            for samples, budget in batches:
+                for row in self._rows(handle, samples, budget):
+                    self.writer.write(row)
+                    if bar is not None:
+                        bar.update(1)
+                    if after_sample is not None:
+                        after_sample(row)
+        finally:
+            handle.remove()
+
+    def _rows(self, handle, samples: Sequence, budget: int | Exception) -> Iterator[dict]:
+        """The rows of one batch: error rows first (unreadable images), then the generated ones in batch order."""
+        head = {s.id: {"id": s.id, "split": s.split, "config": self.key.digest()} for s in samples}
+        ok, images = [], []
+        for s in samples:
+            try:
+                if isinstance(budget, Exception):
+                    raise budget
+                images.append(sample_image(s))
+                ok.append(s)
+            except Exception as e:  # noqa: BLE001 - a failing sample becomes an error row
+                yield _error_row(head[s.id], e)
+        if not ok:
+            return
+        seed = self.settings.seed + _seed_of(ok[0])
+        try:
+            results = generate_batch(self.model, self.processor, handle, ok, images, budget, seed)
+        except Exception as e:  # noqa: BLE001 - redone one by one below, so only the failing samples fail
+            if len(ok) == 1:
+                yield _error_row(head[ok[0].id], e)
+                return
+            _free_cuda(e)
+            results = None
+        if results is not None:
+            for s, result in zip(ok, results, strict=True):
+                yield {**head[s.id], **result}
+            return
+        for s, image in zip(ok, images, strict=True):
+            try:
+                (result,) = generate_batch(self.model, self.processor, handle, [s], [image], budget,
+                                           self.settings.seed + _seed_of(s))
+                yield {**head[s.id], **result}
+            except Exception as e:  # noqa: BLE001
+                yield _error_row(head[s.id], e)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _error_row(head: dict, e: BaseException) -> dict:
+    _free_cuda(e)
+    return {**head, "error": f"{type(e).__name__}: {e}"}
+
+
+def _free_cuda(e: BaseException) -> None:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+
+
+def plan_batches(todo: Sequence, processor, bench, settings: RunSettings, batch_size: int) -> list[tuple[list, Any]]:
+    """``todo`` as ``[(samples, budget)]``: batch 1 in order; else sorted by (budget, with/without image, text
+    tokens of the chat prompt, image size in pixels, order) and cut into runs of ``batch_size`` of one budget and
+    one kind, so a batch pads little. ``budget`` is the exception if a sample's budget cannot be computed."""
+    budgets: list[Any] = []
+    for s in todo:
+        try:
+            budgets.append(settings.max_new_tokens or _budget(bench, s))
+        except Exception as e:  # noqa: BLE001 - the sample's row records it
+            budgets.append(e)
+    if batch_size == 1:
+        return [([s], b) for s, b in zip(todo, budgets, strict=True)]
+    keys = []
+    for i, (s, b) in enumerate(zip(todo, budgets, strict=True)):
+        failed = isinstance(b, Exception)
+        keys.append((failed, -1 if failed else b, s.image is None, _text_tokens(processor, s), _pixels(s.image), i))
+    batches: list[tuple[list, Any]] = []
+    for key in sorted(keys):
+        s, b = todo[key[-1]], budgets[key[-1]]
+        last = batches[-1] if batches else None
+        if (last is None or isinstance(b, Exception) or len(last[0]) == batch_size or last[1] != b
+                or (last[0][0].image is None) != (s.image is None)):
+            batches.append(([s], b))
+        else:
+            last[0].append(s)
+    return batches
+
+
+def _text_tokens(processor, sample) -> int:
+    """Tokens of the sample's chat prompt before the processor expands the image placeholder (a sort key)."""
+    tok = getattr(processor, "tokenizer", processor)
+    try:
+        return len(tok(chat_prompt(processor, sample.question, sample.image is not None))["input_ids"])
+    except Exception:  # noqa: BLE001 - only a sort key
+        return 0
+
+
+def _pixels(path) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:             # reads the header only
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - only a sort key; the real open reports the error
+        return 0
+
+
+def run_config(model, processor, bench, samples: Sequence, config: str, out_dir: Path, settings: RunSettings, *,
+               shard: Shard = Shard(), retry_errors: bool = False, progress: bool = True,
+               after_sample: Callable[[dict], None] | None = None, prints: dict[str, str | None] | None = None,
+               log: Callable[[str], None] | None = None, batch_size: int = 1) -> Path:
+    """Generate the rows of one config that are not on disk yet; returns the main JSONL path."""
     from tqdm.auto import tqdm
 
-    import attnkit
-
-    max_new = settings.max_new_tokens or bench.max_new_tokens
-    if prints is None:
-        prints = fingerprints(bench, samples, processor, settings)
-    key = RunKey(bench.name, canonical(config), settings, max_new, dict(prints))
-    main = out_dir / f"{key.stem()}.jsonl"
-    mine = shard.path(main)
-    if shard.rank == 0:
-        _write_meta(main, key)
-    repair_jsonl(mine, drop_errors=retry_errors)
-    done = {r["id"] for r in merge_rows([read_rows(p) for p in [main, *shard_paths(main)]])
-            if not (retry_errors and "error" in r)}
-    if shard.rank == 0:
-        _say_resume_or_fresh(main, key, len(done), log or _stderr)
-    todo = [s for s in shard.take(samples) if s.id not in done]
-
-    handle = attnkit.wrap(model, *split_specs(key.config))
-    writer = RowWriter(mine)
+    run = ConfigRun(model, processor, bench, samples, config, out_dir, settings, shard=shard,
+                    retry_errors=retry_errors, prints=prints, log=log, batch_size=batch_size)
     try:
-        if todo:
-            _warm_up(model, processor, handle, todo[0], settings.seed)
-        bar = tqdm(todo, desc=f"{bench.name} {key.config}", disable=not progress, leave=False)
-        for sample in bar:
-            row: dict[str, Any] = {"id": sample.id, "split": sample.split, "config": key.digest()}
-            try:
-                budget = settings.max_new_tokens or _budget(bench, sample)
-                row.update(generate_one(model, processor, handle, sample, budget, settings.seed + _seed_of(sample)))
-            except Exception as e:  # noqa: BLE001 - any failing sample becomes an error row
-                row["error"] = f"{type(e).__name__}: {e}"
-                if isinstance(e, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-            writer.write(row)
-            if after_sample is not None:
-                after_sample(row)
+        with tqdm(total=run.n_todo, desc=f"{bench.name} {run.key.config}", disable=not progress, leave=False) as bar:
+            run.run(None, after_sample, bar)
     finally:
-        writer.close()
-        handle.remove()
-    return main
+        run.close()
+    return run.main
 
 
-def _warm_up(model, processor, handle, sample, seed: int) -> None:
-    """One short unrecorded generate per config, so that first-call costs (allocations, kernel selection, lazy
-    initialisation of an intervention) do not land on whichever config runs first."""
+def _warm_up(model, processor, handle, samples: Sequence, seed: int) -> None:
+    """One short unrecorded generate of a config's first batch, so that first-call costs (allocations, kernel
+    selection, lazy initialisation of an intervention) do not land on whichever config runs first."""
+    ok, images = [], []
+    for s in samples:
+        try:
+            images.append(sample_image(s))
+            ok.append(s)
+        except ImageError:
+            pass
     try:
-        generate_one(model, processor, handle, sample, 2, seed)
+        if ok:
+            generate_batch(model, processor, handle, ok, images, 2, seed)
     except Exception:  # noqa: BLE001 - the real attempt records the error
         pass
 
@@ -507,12 +675,16 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
              processor=None, device_map: str | dict | None = None, shard: Shard | None = None,
              retry_errors: bool = False, progress: bool = True,
              after_sample: Callable[[dict], None] | None = None,
-             log: Callable[[str], None] | None = None) -> list[ConfigResult]:
+             log: Callable[[str], None] | None = None, batch_size: int | None = None) -> list[ConfigResult]:
     """Run ``configs`` (``"baseline"``, ``"cls-prune:keep=64"``, ``"var;fastv:k=2"``) on ``bench``; one model load.
 
+    ``batch_size``: samples per ``generate()`` (None: :func:`default_batch_size` of the model's device); it changes
+    no answer, only the costs, and each row records it. Configs take turns, ``INTERLEAVE_BATCHES`` batches each.
     Returns one scored :class:`ConfigResult` per config on rank 0 (``[]`` on other ranks) and writes
     ``summary.json`` next to the rows.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer (or None for the device's default)")
     configs = [canonical(c) for c in configs]          # bad specs fail before the model loads
     if len(set(configs)) != len(configs):
         raise ValueError(f"a config is given twice: {configs}")
@@ -526,14 +698,29 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
         model, processor = load_model_and_processor(settings.model_path, dtype=settings.dtype, device_map=device_map,
                                                     quantization=settings.quantization)
     _preflight(model, configs)
+    batch_size = batch_size or default_batch_size(model.device)
     prints = fingerprints(bench, samples, processor, settings)
-    paths = [run_config(model, processor, bench, samples, c, out_dir, settings, shard=shard,
-                        retry_errors=retry_errors, progress=progress, after_sample=after_sample, prints=prints,
-                        log=log) for c in configs]
+    from tqdm.auto import tqdm
+
+    runs: list[ConfigRun] = []
+    try:
+        for c in configs:
+            runs.append(ConfigRun(model, processor, bench, samples, c, out_dir, settings, shard=shard,
+                                  retry_errors=retry_errors, prints=prints, log=log, batch_size=batch_size))
+        with tqdm(total=sum(r.n_todo for r in runs), desc=f"{bench.name} ({len(runs)} configs)",
+                  disable=not progress, leave=False) as bar:
+            while any(r.batches for r in runs):
+                for r in runs:
+                    r.run(INTERLEAVE_BATCHES, after_sample, bar)
+    finally:
+        for r in runs:
+            r.close()
+    paths = [r.main for r in runs]
     shard.barrier()
     if shard.rank != 0:
         return []
-    results = [score(bench, samples, merge_shards(p), c, p) for c, p in zip(configs, paths, strict=True)]
+    order = [s.id for s in samples]
+    results = [score(bench, samples, merge_shards(p, order), c, p) for c, p in zip(configs, paths, strict=True)]
     write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"])
     return results
 

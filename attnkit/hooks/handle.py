@@ -149,10 +149,28 @@ class Handle:
             "decode_steps": max(self.state.step, 0),
             "prefill_ms": self.state.prefill_ms,
             "visual_tokens": spans.counts() if spans is not None else None,
+            "layer_tokens": self.layer_tokens(),
         }
         for iv in self.interventions:
             out[iv.name] = iv.stats()
         return out
+
+    def layer_tokens(self) -> list[list[int]] | None:
+        """Per sample, the real (non-padding) prompt tokens each decoder layer processed at the last prefill:
+        ``[b][l]`` = the sample's prompt tokens minus the visual tokens dropped by the keep plan in force at layer
+        ``l`` (:meth:`RunState.plan_at`). Masked-but-present tokens (a batch's early ``vte`` exits before the
+        common removal) count: the layer computes them. None before any prefill with ``input_ids``."""
+        spans = self.state.spans
+        if spans is None:
+            return None
+        per_layer = []
+        for layer in range(self.adapter.num_layers):
+            plan = self.state.plan_at(layer)
+            valid = spans.valid
+            if plan is not None:
+                valid = valid.gather(1, plan.index.to(valid.device)) & plan.slot_valid.to(valid.device)
+            per_layer.append(valid.sum(1))
+        return torch.stack(per_layer, 1).tolist()
 
     def remove(self) -> None:
         """Undo every change; the model's outputs are bit-identical to before ``wrap()``."""

@@ -48,9 +48,13 @@ class Intervention:
     - ``conflicts_with(other)``: a reason why the two cannot be combined, or None.
     - ``reset()``: at each prefill (a new ``generate()``/forward on a fresh cache).
     - ``stats()``: what it did in the last forward/generate.
+
+    ``batchable``: whether each sample of a padded batch gets the answer it gets alone (the eval runner runs a
+    method that sets it False at batch size 1, and says so).
     """
 
     name: ClassVar[str] = ""
+    batchable: ClassVar[bool] = True
 
     def __post_init__(self):
         self.validate()
