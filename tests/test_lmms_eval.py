@@ -97,6 +97,56 @@ def _raise(*a, **k):
     raise RuntimeError("generate must not be called")
 
 
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_batched_requests_answer_as_batch_1_in_request_order(model_dir, tmp_path, batch_size, monkeypatch):
+    docs = _docs()
+    gen = adapter.AttnkitGenerator(str(model_dir), output_dir=str(tmp_path), batch_size=batch_size)
+    calls = []
+    real = gen.model.generate
+
+    def counted(**kw):
+        calls.append(kw["input_ids"].shape[0])
+        return real(**kw)
+
+    try:
+        monkeypatch.setattr(gen.model, "generate", counted)
+        order = [3, 0, 2, 1]
+        results = gen.generate_until([r.args for r in _requests({"max_new_tokens": 4}, order)], {TASK: {SPLIT: docs}})
+        assert sorted(calls, reverse=True) == ([2, 2] if batch_size == 2 else [3, 1])
+        monkeypatch.setattr(gen.model, "generate", real)
+        alone = [_reference(gen, docs[i], 4) for i in order]
+        assert [t for t, _ in results] == alone
+        # the questions' prompts differ in length: the batches were padded
+        lengths = {len(build_inputs(gen.processor, d["question"], d["image"])["input_ids"][0]) for d in docs}
+        assert len(lengths) > 1
+        rows = [json.loads(x) for x in gen.store_path(TASK).read_text().splitlines()]
+        assert sorted(r["doc_id"] for r in rows) == [0, 1, 2, 3]
+        assert all(1 <= n <= 4 for _, n in results)
+    finally:
+        gen.close()
+
+
+def test_a_batch_with_a_failing_generate_is_redone_request_by_request(model_dir, tmp_path, monkeypatch):
+    docs = _docs()
+    gen = adapter.AttnkitGenerator(str(model_dir), output_dir=str(tmp_path), batch_size=4)
+    real = gen.generate_prompts
+
+    def fails_on_the_cat(prompts, images, gen_kwargs):
+        if any("cat" in p for p in prompts):
+            raise RuntimeError("boom")
+        return real(prompts, images, gen_kwargs)
+
+    try:
+        monkeypatch.setattr(gen, "generate_prompts", fails_on_the_cat)
+        out = gen.generate_until([r.args for r in _requests({"max_new_tokens": 3}, [0, 1, 2, 3])],
+                                 {TASK: {SPLIT: docs}})
+        assert [t == "" for t, _ in out] == [True, False, False, False]
+        assert [t for t, _ in out[1:]] == [_reference(gen, docs[i], 3) for i in (1, 2, 3)]
+        assert len(gen.failures) == 1 and "doc 0 failed: RuntimeError: boom" in gen.failures[0]
+    finally:
+        gen.close()
+
+
 def test_until_truncates_and_a_failing_doc_answers_empty_without_being_stored(model_dir, tmp_path):
     docs = _docs()
     gen = _generator(model_dir, tmp_path)
@@ -145,7 +195,7 @@ def test_interventions_are_installed_and_key_the_store(model_dir, tmp_path):
         adapter.parse_interventions("record;nope:keep=64")
 
 
-def test_model_args_and_batch_size_as_lmms_eval_passes_them(capsys, monkeypatch):
+def test_model_args_and_batch_size_as_lmms_eval_passes_them():
     kw = adapter.generator_kwargs({"pretrained": "/m", "interventions": '"var;cls-prune:keep=64"', "batch_size": "1",
                                    "max_batch_size": 8, "dtype": "bfloat16"})
     assert kw == {"pretrained": "/m", "interventions": "var;cls-prune:keep=64", "dtype": "bfloat16"}
@@ -155,12 +205,8 @@ def test_model_args_and_batch_size_as_lmms_eval_passes_them(capsys, monkeypatch)
     with pytest.raises(ValueError, match=r"unknown model_args \['keep'\].*quote the spec: --model_args "
                                          r"'pretrained=PATH,interventions=\"fastv:k=2,keep=0.5\"'"):
         adapter.generator_kwargs({"pretrained": "/m", "interventions": "fastv:k=2", "keep": 0.5})
-    monkeypatch.setattr(adapter, "_said_batch_size", False)
-    assert adapter.batch_size_of("1") == 1 and adapter.batch_size_of("auto") == 1
-    assert capsys.readouterr().err == ""
-    assert adapter.batch_size_of("4") == 1 and adapter.batch_size_of(8) == 1
-    err = capsys.readouterr().err
-    assert err.count("ignored") == 1 and "batch_size=4 ignored" in err and "one sample at a time" in err
+    assert adapter.batch_size_of("1") == 1 and adapter.batch_size_of("4") == 4 and adapter.batch_size_of(8) == 8
+    assert adapter.batch_size_of("auto") is None and adapter.batch_size_of("auto:4") is None
     with pytest.raises(ValueError, match="batch_size='many': give a positive integer or auto"):
         adapter.batch_size_of("many")
 

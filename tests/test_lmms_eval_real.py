@@ -76,16 +76,16 @@ def test_simple_evaluate_on_a_local_pope_task_equals_attnkit_eval(task_dir, tmp_
 
         # a failing request: counted, printed, answered ""; strict=true ends the run (SystemExit: status 1)
         model.generator.handle = attnkit.wrap(model.generator.model, *model.generator.specs)
-        real = model.generator.generate
+        real = model.generator.generate_prompts
         calls = []
 
-        def fail_once(messages, gen_kwargs):
+        def fail_once(prompts, images, gen_kwargs):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("boom")
-            return real(messages, gen_kwargs)
+            return real(prompts, images, gen_kwargs)
 
-        monkeypatch.setattr(model.generator, "generate", fail_once)
+        monkeypatch.setattr(model.generator, "generate_prompts", fail_once)
         model.generator.output_dir = tmp_path / "store2"
         model.generator._stores.clear()
         capsys.readouterr()
@@ -100,6 +100,51 @@ def test_simple_evaluate_on_a_local_pope_task_equals_attnkit_eval(task_dir, tmp_
                             task_manager=TaskManager("WARNING", include_path=str(task_dir), include_defaults=False))
     finally:
         model.generator.close()
+
+
+@pytest.fixture(scope="module")
+def varied_task_dir(tmp_path_factory) -> Path:
+    """3 questions per split of the demo's POPE, question i after i times "please": prompts of unequal length."""
+    root = tmp_path_factory.mktemp("lmms_varied")
+    data = root / "data"
+    data.mkdir()
+    (data / "images").symlink_to(DEMO / "data" / "images")
+    for split in ("random", "popular", "adversarial"):
+        rows = [json.loads(line) for line in (DEMO / "data" / f"synth_pope_{split}.json").read_text().splitlines()[:3]]
+        lines = [json.dumps({**r, "text": "please " * i + r["text"]}) for i, r in enumerate(rows)]
+        (data / f"synth_pope_{split}.json").write_text("\n".join(lines) + "\n")
+    write_pope_task(data, root / "task")
+    return root / "task"
+
+
+def test_batch_size_4_answers_as_batch_size_1_through_simple_evaluate(varied_task_dir, tmp_path, monkeypatch):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from attnkit.integrations.lmms_eval_model import AttnkitLMMS
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    answers, sizes = {}, {}
+    for batch in ("1", "4"):
+        model = AttnkitLMMS(pretrained=str(DEMO / "model"), interventions=SPEC, output_dir=str(tmp_path / batch),
+                            batch_size=batch)
+        real, seen = model.generator.generate_prompts, []
+
+        def counted(prompts, images, gen_kwargs, real=real, seen=seen):
+            seen.append(len(prompts))
+            return real(prompts, images, gen_kwargs)
+
+        monkeypatch.setattr(model.generator, "generate_prompts", counted)
+        try:
+            out = simple_evaluate(model=model, tasks=["attnkit_pope"], log_samples=True,
+                                  task_manager=TaskManager("WARNING", include_path=str(varied_task_dir),
+                                                           include_defaults=False))
+        finally:
+            model.generator.close()
+        answers[batch] = {s["doc"]["question_id"]: s["resps"][0][0] for s in out["samples"]["attnkit_pope"]}
+        sizes[batch] = sorted(seen)
+    assert len(answers["1"]) == 9 and answers["4"] == answers["1"]
+    assert sizes == {"1": [1] * 9, "4": [1, 4, 4]}
 
 
 def _lmms_eval(args: list[str], env: dict, prefix: list[str] | None = None, timeout: int = 240):
@@ -120,7 +165,7 @@ def test_the_readme_command_line_runs_a_two_parameter_spec(task_dir, tmp_path, e
     done = _lmms_eval(args, env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Error during evaluation" not in done.stderr, done.stderr[-3000:]
-    assert "batch_size=2 ignored" in done.stderr
+    assert "ignored" not in done.stderr
     assert 0.0 <= _results(tmp_path / "out")["pope_accuracy,none"] <= 1.0
     (store,) = (tmp_path / "store").glob("attnkit_pope__*.jsonl")
     assert len(store.read_text().splitlines()) == 6

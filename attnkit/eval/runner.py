@@ -309,10 +309,10 @@ def generate_batch(model, processor, handle, samples: Sequence, images: Sequence
     decode = (total_ms - prefill) / steps / n if steps and prefill is not None else None
     layer_tokens = stats.get("layer_tokens")
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     rows = []
     for b in range(n):
-        new = _until_eos(out[b, inputs["input_ids"].shape[1]:], eos)
+        new = until_eos(out[b, inputs["input_ids"].shape[1]:], eos)
         rows.append({"prediction": processor.decode(new, skip_special_tokens=True).strip(),
                      "new_tokens": int(new.numel()), "prompt_tokens": int(prompt_tokens[b]),
                      "layer_tokens": layer_tokens[b] if layer_tokens is not None else None,
@@ -322,14 +322,15 @@ def generate_batch(model, processor, handle, samples: Sequence, images: Sequence
     return rows
 
 
-def _eos_ids(model) -> set[int]:
+def eos_ids(model) -> set[int]:
+    """The token ids that end a row in ``model.generate()`` (its generation config's ``eos_token_id``)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _until_eos(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
+def until_eos(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
     """A row's new tokens up to and including its first EOS (what ``generate()`` returns for it alone; the rest is
     the batch's padding while other rows finish)."""
     for i, token in enumerate(new.tolist()):

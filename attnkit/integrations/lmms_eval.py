@@ -16,8 +16,11 @@ quotes inside the shell's single quotes, as above. model_args: ``pretrained`` (l
 ``device_map`` / ``device``, ``quantization`` (4bit/8bit), ``output_dir`` (per-sample JSONL; default
 ``./attnkit_lmms_eval``), ``max_new_tokens`` (used when the task sets none), ``strict`` (true: the first failing
 sample ends the run with exit status 1 instead of being answered ""). lmms-eval's own ``batch_size``,
-``max_batch_size`` and ``device`` are accepted; attnkit generates one sample at a time (a ``batch_size`` above 1
-is ignored, said once).
+``max_batch_size`` and ``device`` are accepted. ``--batch_size N`` batches for real, as lmms-eval's own models do
+with its ``Collator``: requests are grouped by task and generation kwargs (and with/without images), sorted by
+prompt length, and each batch is one left-padded ``generate()``; each answer is its row's new tokens up to its
+first EOS, so greedy answers equal batch 1's (tested). ``auto`` (``auto:N``): 1 on CPU, 8 on CUDA, at most
+``max_batch_size``.
 
 Each response is appended to ``{output_dir}/{task}__{config hash}.jsonl`` (``….rank{r}.jsonl`` per process of a
 multi-process run) as soon as it is generated and served from there on a rerun (lmms-eval itself keeps nothing of
@@ -144,7 +147,7 @@ class AttnkitGenerator:
     def __init__(self, pretrained: str, interventions: str = "", dtype: str = "auto", device_map: str | None = None,
                  device: str | None = None, quantization: str | None = None, output_dir: str | None = None,
                  max_new_tokens: int = 256, strict: bool = False, rank: int = 0, world_size: int = 1, model=None,
-                 processor=None):
+                 processor=None, batch_size: int | None = 1, max_batch_size: int | None = None):
         import attnkit
         from attnkit.eval.fingerprint import HashCache, folder_fingerprint
 
@@ -170,6 +173,17 @@ class AttnkitGenerator:
         self.n_requests = 0
         self.failures: list[str] = []
         self.handle = attnkit.wrap(model, *self.specs)
+        if batch_size is None:
+            from attnkit.eval.runner import default_batch_size
+
+            batch_size = min(default_batch_size(model.device), max_batch_size or 10**9)
+        self.batch_size = int(batch_size)
+        unbatchable = [iv.name for iv in self.handle.interventions if not getattr(iv, "batchable", True)]
+        if unbatchable and self.batch_size > 1:
+            if self.rank == 0:
+                print(f"attnkit: {', '.join(unbatchable)} cannot batch exactly (a padded batch would change answers); "
+                      f"generating at batch size 1 instead of {self.batch_size}", file=sys.stderr)
+            self.batch_size = 1
 
     # --- persistence -------------------------------------------------------------------------
     def store_path(self, task: str) -> Path:
@@ -202,38 +216,57 @@ class AttnkitGenerator:
 
         Chat requests: ``(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)``; simple ones:
         ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)`` (the images go before the text).
-        A failing request is answered ``("", None)`` and counted (``strict``: :class:`SampleFailures`).
+        Stored answers are served; the others are generated in batches of ``batch_size`` (grouped by task, gen
+        kwargs and with/without images, sorted by prompt length) and each is stored as soon as its batch is done.
+        A failing request is answered ``("", None)`` and counted (``strict``: :class:`SampleFailures`); a batch
+        whose ``generate()`` raises is redone one request at a time, so only the failing ones fail.
         """
         from tqdm.auto import tqdm
 
-        out = []
+        out: list[tuple[str, int | None] | None] = [None] * len(args_list)
         failed_before = len(self.failures)
-        for args in tqdm(args_list, desc="attnkit generate_until", disable=len(args_list) < 2):
+        pending: dict[tuple, list[tuple[int, str, list, dict, tuple]]] = {}
+        for i, args in enumerate(args_list):
             ctx, doc_id, task, split = args[0], args[3], args[4], args[5]
             chat = callable(args[1])
             gen_kwargs = dict(args[2] if chat else args[1])
-            rows, writer = self._store(task)
+            rows, _ = self._store(task)
             self.n_requests += 1
             try:
                 doc = task_dict[task][split][doc_id]
                 messages = args[1](doc) if chat else _simple_messages(ctx, args[2](doc))
                 key = self.row_key(task, split, doc_id, messages, gen_kwargs)
                 if key in rows:
-                    out.append((rows[key]["text"], rows[key].get("new_tokens")))
+                    out[i] = (rows[key]["text"], rows[key].get("new_tokens"))
                     continue
-                text, n_new = self.generate(messages, gen_kwargs)
+                hf, images = hf_messages(messages)
+                prompt = self.processor.apply_chat_template(hf, add_generation_prompt=True)
             except Exception as e:  # noqa: BLE001 - one bad doc must not end the run
-                what = f"{task}/{split} doc {doc_id} failed: {type(e).__name__}: {e}"
-                self.failures.append(what)
-                if self.strict:
-                    raise SampleFailures(f"{what} (strict=true)") from e
-                log.warning("attnkit: %s", what)
-                out.append(("", None))
+                out[i] = self._failed(f"{task}/{split} doc {doc_id}", e)
                 continue
-            row = {"key": key, "doc_id": doc_id, "split": split, "text": text, "new_tokens": n_new}
-            writer.write(row)
-            rows[key] = row
-            out.append((text, n_new))
+            group = (task, json.dumps(gen_kwargs, sort_keys=True, default=str), bool(images))
+            pending.setdefault(group, []).append((i, prompt, images, gen_kwargs, (key, doc_id, split, task)))
+        batches = []
+        if self.batch_size == 1:                   # request order
+            batches = [[it] for it in sorted((it for items in pending.values() for it in items), key=lambda it: it[0])]
+        for items in pending.values() if self.batch_size > 1 else ():
+            items.sort(key=lambda item: (self._prompt_tokens(item[1]), item[0]))
+            batches += [items[j:j + self.batch_size] for j in range(0, len(items), self.batch_size)]
+        total = sum(len(b) for b in batches)
+        with tqdm(total=total, desc="attnkit generate_until", disable=total < 2) as bar:
+            for batch in batches:
+                for (i, _, _, _, (key, doc_id, split, task)), result in zip(batch, self._generate_batch(batch),
+                                                                            strict=True):
+                    if isinstance(result, Exception):
+                        out[i] = self._failed(f"{task}/{split} doc {doc_id}", result)
+                    else:
+                        rows, writer = self._store(task)
+                        row = {"key": key, "doc_id": doc_id, "split": split, "text": result[0],
+                               "new_tokens": result[1]}
+                        writer.write(row)
+                        rows[key] = row
+                        out[i] = result
+                    bar.update(1)
         new_failures = len(self.failures) - failed_before
         if new_failures:
             print(f"attnkit: {new_failures} of {len(args_list)} request(s) failed and were answered \"\" (lmms-eval "
@@ -242,15 +275,59 @@ class AttnkitGenerator:
                   file=sys.stderr)
         return out
 
+    def _failed(self, what: str, e: Exception) -> tuple[str, None]:
+        what = f"{what} failed: {type(e).__name__}: {e}"
+        self.failures.append(what)
+        if self.strict:
+            raise SampleFailures(f"{what} (strict=true)") from e
+        log.warning("attnkit: %s", what)
+        return ("", None)
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        try:
+            return len(tok(prompt)["input_ids"])
+        except Exception:  # noqa: BLE001 - only a sort key
+            return 0
+
+    def _generate_batch(self, batch: Sequence[tuple]) -> list[tuple[str, int] | Exception]:
+        """One batch (items of one group), or, if its ``generate()`` raises, each item alone."""
+        prompts, images = [item[1] for item in batch], [item[2] for item in batch]
+        try:
+            return self.generate_prompts(prompts, images, batch[0][3])
+        except Exception as e:  # noqa: BLE001 - redone one by one: only the failing requests fail
+            if len(batch) == 1:
+                return [e]
+        results: list[tuple[str, int] | Exception] = []
+        for prompt, imgs, item in zip(prompts, images, batch, strict=True):
+            try:
+                results += self.generate_prompts([prompt], [imgs], item[3])
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        return results
+
     def generate(self, messages: Sequence[Mapping[str, Any]], gen_kwargs: Mapping[str, Any]) -> tuple[str, int]:
         """One chat through the processor and ``generate()``; stops at the task's ``until`` strings."""
+        hf, images = hf_messages(messages)
+        prompt = self.processor.apply_chat_template(hf, add_generation_prompt=True)
+        return self.generate_prompts([prompt], [images], gen_kwargs)[0]
+
+    def generate_prompts(self, prompts: Sequence[str], images: Sequence[list], gen_kwargs: Mapping[str, Any]
+                         ) -> list[tuple[str, int]]:
+        """Chat-templated prompts (each with its images) as one left-padded ``generate()``; per prompt its text (cut at
+        the task's ``until`` strings) and its new tokens up to its first EOS."""
+        from attnkit.eval.runner import eos_ids, until_eos
+        from attnkit.models.prompts import padding_side
+
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        hf, images = hf_messages(messages)
-        prompt = self.processor.apply_chat_template(hf, add_generation_prompt=True)
-        inputs = (self.processor(images=images, text=[prompt], return_tensors="pt") if images
-                  else self.processor(text=[prompt], return_tensors="pt")).to(self.model.device)
+        flat = [im for ims in images for im in ims]
+        extra = {"padding": True} if len(prompts) > 1 else {}
+        with padding_side(self.processor, "left"):
+            inputs = (self.processor(images=flat, text=list(prompts), return_tensors="pt", **extra) if flat
+                      else self.processor(text=list(prompts), return_tensors="pt", **extra))
+        inputs = inputs.to(self.model.device)
         temperature = float(kwargs.get("temperature") or 0)
         sample = bool(kwargs.get("do_sample", False)) and temperature > 0
         options: dict[str, Any] = {"max_new_tokens": int(kwargs.get("max_new_tokens") or self.max_new_tokens),
@@ -262,12 +339,15 @@ class AttnkitGenerator:
         tok = getattr(self.processor, "tokenizer", self.processor)
         with torch.inference_mode():
             out = self.model.generate(**inputs, pad_token_id=tok.pad_token_id, **options)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        text = self.processor.decode(new, skip_special_tokens=True)
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        return text.strip(), int(new.numel())
+        eos, results = eos_ids(self.model), []
+        for b in range(len(prompts)):
+            new = until_eos(out[b, inputs["input_ids"].shape[1]:], eos)
+            text = self.processor.decode(new, skip_special_tokens=True)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            results.append((text.strip(), int(new.numel())))
+        return results
 
     def close(self) -> None:
         """Remove the interventions and close the JSONL files."""
@@ -305,7 +385,8 @@ def _as_bool(value: Any, name: str) -> bool:
 def generator_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """model_args as lmms-eval passes them (strings, ints, bools) -> :class:`AttnkitGenerator` keywords.
 
-    lmms-eval's own ``batch_size`` / ``max_batch_size`` are accepted and dropped (see :func:`batch_size_of`).
+    lmms-eval's own ``batch_size`` / ``max_batch_size`` are accepted here and dropped (the ``lmms`` class passes them
+    on itself, see :func:`batch_size_of`).
     """
     unknown = sorted(set(kwargs) - set(MODEL_ARGS) - set(LMMS_EVAL_ARGS))
     if unknown:
@@ -323,25 +404,17 @@ def generator_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_said_batch_size = False
-
-
-def batch_size_of(value: Any, say: bool = True) -> int:
-    """lmms-eval hands ``--batch_size`` over as a string ("1", "auto"); attnkit generates one sample at a time
-    (batching is not implemented yet): a size above 1 is ignored, said once on stderr (``say``: this process
-    may say it; False on ranks other than 0)."""
-    global _said_batch_size
-    if value in (None, "auto") or str(value).startswith("auto:"):
+def batch_size_of(value: Any) -> int | None:
+    """lmms-eval hands ``--batch_size`` over as a string ("1", "4", "auto", "auto:4"): the size, or None for auto
+    (:class:`AttnkitGenerator` then picks 1 on CPU, 8 on CUDA, at most ``max_batch_size``)."""
+    if value is None:
         return 1
+    if value == "auto" or str(value).startswith("auto:"):
+        return None
     try:
         size = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"batch_size={value!r}: give a positive integer or auto") from None
     if size < 1:
         raise ValueError(f"batch_size={value!r}: give a positive integer or auto")
-    if size != 1 and say and not _said_batch_size:
-        _said_batch_size = True
-        print(f"attnkit: batch_size={size} ignored: attnkit's lmms-eval model generates one sample at a time "
-              "(batched generation is not implemented yet); results are the same as with batch_size=1",
-              file=sys.stderr)
-    return 1
+    return size

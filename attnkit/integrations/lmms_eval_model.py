@@ -12,7 +12,8 @@ from attnkit.integrations.lmms_eval import AttnkitGenerator, batch_size_of, gene
 
 
 class AttnkitLMMS(lmms):
-    """Chat model: ``generate_until`` through :class:`AttnkitGenerator` (interventions installed at load).
+    """Chat model: ``generate_until`` through :class:`AttnkitGenerator` (interventions installed at load), in
+    batches of ``--batch_size`` (grouped and sorted by prompt length as lmms-eval's ``Collator`` does).
 
     Several processes (``torchrun --nproc_per_node N -m lmms_eval ...`` or ``accelerate launch``): lmms-eval gives
     each rank its shard of the requests; each process loads the model on ``cuda:{LOCAL_RANK}`` (on the CPU
@@ -25,12 +26,13 @@ class AttnkitLMMS(lmms):
                  **kwargs):
         super().__init__()
         self._init_distributed()
-        self.batch_size_per_gpu = batch_size_of(batch_size, say=self._rank == 0)
-        del max_batch_size                   # lmms-eval's --max_batch_size (for batch_size=auto): nothing to size
+        size = batch_size_of(batch_size)          # None: auto, sized by the generator (at most max_batch_size)
         kw = generator_kwargs({"pretrained": pretrained, **kwargs})
         if self._world_size > 1 and "device_map" not in kw and "device" not in kw and torch.cuda.is_available():
             kw["device_map"] = f"cuda:{int(os.environ.get('LOCAL_RANK', self._rank))}"
-        self.generator = AttnkitGenerator(**kw, rank=self._rank, world_size=self._world_size)
+        self.generator = AttnkitGenerator(**kw, rank=self._rank, world_size=self._world_size, batch_size=size,
+                                          max_batch_size=None if max_batch_size is None else int(max_batch_size))
+        self.batch_size_per_gpu = self.generator.batch_size
 
     def _init_distributed(self) -> None:
         """Rank and world size from the launcher's environment (the evaluator shards requests by them)."""
