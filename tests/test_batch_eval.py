@@ -200,3 +200,22 @@ def test_layer_tokens_are_the_prompt_minus_the_visual_tokens_dropped_before_each
             model(**inputs)
         got = handle.stats()["layer_tokens"]
     assert got == [[p - d for d in dropped] for p in prompt]
+
+
+def test_configs_take_turns_over_chunks_of_batches(demo, batch1, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "INTERLEAVE_BATCHES", 1)
+    order: list[str] = []
+    base, rec = _evaluate(demo, tmp_path, ["baseline", "record"], 2, after_sample=lambda r: order.append(r["config"]))
+    b, r = Path(base.path).stem.rsplit("__", 1)[1], Path(rec.path).stem.rsplit("__", 1)[1]
+    assert order == [b, b, r, r] * 3
+    assert [x["prediction"] for x in _rows(rec.path)] == [x["prediction"] for x in batch1["record"]]
+
+
+def test_the_throughput_benchmark_table_compares_with_batch_1(capsys):
+    from benchmarks import eval_throughput
+
+    assert eval_throughput.main(["--model", "mid", "--dry-run", "--no-lmms", "--samples", "6", "--batches", "1",
+                                 "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| runner |")]
+    assert [line.split("|")[2].strip() for line in rows] == ["1", "3"]
+    assert all(line.rstrip(" |").endswith("yes") for line in rows), rows
