@@ -2,7 +2,7 @@
 
     python -m benchmarks.eval_throughput [--model demo|mid|PATH] [--family llava|llava_next|qwen2_5_vl]
         [--size tiny|mid|7b] [--batches 1 4 8 16] [--samples N] [--device cpu|cuda]
-        [--dtype float32|float16|bfloat16] [--max-new-tokens N] [--no-lmms] [--dry-run]
+        [--dtype float32|float16|bfloat16] [--max-new-tokens N] [--clock wall|process] [--no-lmms] [--dry-run]
 
 Models: ``demo`` (the embedded demo model on its synthetic POPE), ``mid`` (a random-weight model of ``--family`` at
 ``--size``: ``mid`` = benchmarks.common.MID, ``7b`` = the family's 7B architecture, GPU only; EOS disabled so every
@@ -16,6 +16,10 @@ speed-up over batch 1 of the same table; median per-sample prefill ms and decode
 (the batch's time / batch size); "== batch 1": yes, or how many answers differ. The lmms-eval rows run the same
 samples through lmms-eval's ``simple_evaluate`` with ``--model attnkit`` on a local task (``attnkit lmms-task``),
 when lmms-eval is installed: samples/s = requests / ``generate_until`` wall time after a one-prompt warm-up.
+``--clock process`` (the default on CPU) times with this process's CPU time: on a shared machine other processes'
+load then does not land on whichever batch size runs while it peaks (with OMP_NUM_THREADS=1 it is the work done);
+``wall`` (the default on CUDA, where the work is on the GPU) times with the wall clock. The per-sample prefill and
+decode columns are the rows' own wall-clock figures.
 ``--dry-run``: tiny sizes, 8 samples, batches 1 2 4 (a CPU check of the script itself).
 """
 
@@ -96,13 +100,17 @@ def image_side(family: str, size: testing.TinySize) -> int:
 
 
 # --- the runner ----------------------------------------------------------------------------------
-def runner_rows(model, processor, model_dir: Path, data: Path, out: Path, batch: int, max_new: int | None):
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def runner_rows(model, processor, model_dir: Path, data: Path, out: Path, batch: int, max_new: int | None,
+                clock=time.perf_counter):
     """(rows by id, steady-state samples/s) of one baseline run at ``batch``."""
     bench = get_benchmark("pope", data)
     stamps: list[float] = []
     (res,) = runner.evaluate(bench, ["baseline"], out, runner.RunSettings(str(model_dir), max_new_tokens=max_new),
                              model=model, processor=processor, progress=False, batch_size=batch,
-                             after_sample=lambda row: stamps.append(time.perf_counter()), log=lambda _: None)
+                             after_sample=lambda row: stamps.append(clock()), log=lambda _: None)
     rows = {r["id"]: r for r in runner.read_rows(Path(res.path))}
     first = min(batch, len(stamps))
     rate = (len(stamps) - first) / (stamps[-1] - stamps[first - 1]) if len(stamps) > first else float("nan")
@@ -115,7 +123,7 @@ def lmms_available() -> bool:
 
 
 def lmms_answers(model_dir: Path, task_dir: Path, out: Path, batch: int, max_new: int, device: str, dtype: str,
-                 no_eos: bool):
+                 no_eos: bool, clock=time.perf_counter):
     """(answers by question id, samples/s of generate_until) through lmms-eval's simple_evaluate."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -131,11 +139,11 @@ def lmms_answers(model_dir: Path, task_dir: Path, out: Path, batch: int, max_new
     real = gen.generate_until
 
     def timed(args_list, task_dict):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return real(args_list, task_dict)
         finally:
-            spent.append(time.perf_counter() - t0)
+            spent.append(clock() - t0)
 
     gen.generate_until = timed
     try:
@@ -182,14 +190,14 @@ def _median(rows: dict, key: str) -> str:
 
 
 def table(name: str, model, processor, model_dir: Path, data: Path, work: Path, batches: list[int],
-          max_new: int | None, lmms: tuple[str, str, bool] | None) -> None:
+          max_new: int | None, lmms: tuple[str, str, bool] | None, clock=time.perf_counter) -> None:
     n = len(get_benchmark("pope", data).samples())
     print(f"\n{name}: {n} POPE questions, max new tokens {max_new or 'POPE budget (16; EOS ends early)'}")
     print("| path | batch | samples/s | speed-up | prefill ms/sample | decode ms/token/sample | == batch 1 |")
     print("|---|---|---|---|---|---|---|")
     reference, base = None, None
     for b in batches:
-        rows, rate = runner_rows(model, processor, model_dir, data, work / f"runner_b{b}", b, max_new)
+        rows, rate = runner_rows(model, processor, model_dir, data, work / f"runner_b{b}", b, max_new, clock)
         answers = {k: r.get("prediction") for k, r in rows.items()}
         reference = reference or answers
         base = base or rate
@@ -208,7 +216,7 @@ def table(name: str, model, processor, model_dir: Path, data: Path, work: Path, 
     write_pope_task(data, task_dir)
     reference, base = None, None
     for b in batches:
-        answers, rate = lmms_answers(model_dir, task_dir, work / f"lmms_b{b}", b, max_new or 16, *lmms)
+        answers, rate = lmms_answers(model_dir, task_dir, work / f"lmms_b{b}", b, max_new or 16, *lmms, clock=clock)
         reference = reference or answers
         base = base or rate
         print(f"| lmms-eval | {b} | {rate:.2f} | {rate / base:.2f}x | | | {_differ(answers, reference)} |", flush=True)
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="default: float32 on CPU, float16 on CUDA (bfloat16 for Qwen)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="random-weight models' decode budget")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                        help="what samples/s is timed with (default: process CPU time on CPU, wall clock on CUDA)")
     parser.add_argument("--no-lmms", action="store_true", help="skip the lmms-eval rows")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, 8 samples, batches 1 2 4")
     args = parser.parse_args(argv)
@@ -241,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else
                                 "bfloat16" if args.family.startswith("qwen") else "float16")
     dtype = getattr(torch, dtype_name)
+    clock_name = args.clock or ("process" if args.device == "cpu" else "wall")
+    clock = CLOCKS[clock_name]
     models = [args.model] if args.model else ["demo", "mid"]
-    print(f"device: {machine()}; torch {torch.__version__}; {dtype_name}; OMP_NUM_THREADS="
+    print(f"device: {machine()}; torch {torch.__version__}; {dtype_name}; {clock_name} clock; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory(prefix="attnkit_throughput_") as tmp:
         work = Path(tmp)
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 data = write_pope(here / "data", n, None)
                 lmms = None if args.no_lmms else (args.device, dtype_name, False)
                 table("demo model (LLaVA, 144 visual tokens)", model, processor, demo_model_path(), data, here,
-                      batches, None, lmms)
+                      batches, None, lmms, clock)
             elif which == "mid":
                 model, processor, s = random_model(args.family, size, args.device, dtype)
                 folder = here / f"{args.family}_random"
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 data = write_pope(here / "data", n, image_side(args.family, s))
                 lmms = (args.device, dtype_name, True) if small and not args.no_lmms else None
                 table(f"random-weight {args.family} ({size}: hidden {s.hidden}, {s.layers} layers)", model,
-                      processor, folder, data, here, batches, args.max_new_tokens, lmms)
+                      processor, folder, data, here, batches, args.max_new_tokens, lmms, clock)
                 if not small and not args.no_lmms:
                     print("(lmms-eval rows skipped at --size 7b: it loads the model from a folder, 14 GB to write)")
             else:
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             device_map=None if args.device == "cpu" else "cuda:0")
                 data = write_pope(here / "data", n, None)
                 lmms = None if args.no_lmms else (args.device, dtype_name, False)
-                table(f"{path.name}", model, processor, path, data, here, batches, None, lmms)
+                table(f"{path.name}", model, processor, path, data, here, batches, None, lmms, clock)
             del model
     return 0
 

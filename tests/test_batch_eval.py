@@ -219,3 +219,19 @@ def test_the_throughput_benchmark_table_compares_with_batch_1(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| runner |")]
     assert [line.split("|")[2].strip() for line in rows] == ["1", "3"]
     assert all(line.rstrip(" |").endswith("yes") for line in rows), rows
+
+
+def test_the_cli_passes_batch_size_down_and_documents_the_default(batch1, tmp_path, capsys):
+    from attnkit import cli
+
+    args = ["eval", "--model", str(demo_model_path()), "--data", str(demo_data_path()), "--limit", "1",
+            "--max-new-tokens", str(MAX_NEW), "--out", str(tmp_path), "--no-plots", "--no-progress"]
+    assert cli.main([*args, "--batch-size", "3"]) == 0
+    (path,) = tmp_path.glob("pope__baseline__*.jsonl")
+    assert [r["batch_size"] for r in _rows(path)] == [3, 3, 3]
+    with pytest.raises(SystemExit) as bad:
+        cli.main([*args, "--batch-size", "0"])
+    assert bad.value.code == 2 and "--batch-size: 0 must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "default: 1 on CPU, 8 on CUDA" in " ".join(capsys.readouterr().out.split())
