@@ -19,7 +19,10 @@ GEN = dict(do_sample=False, suppress_tokens=testing.SPECIAL_IDS)
 # big enough to exercise the packing: OneVision 128x96 -> a 3x4 grid of crops (12 > 9: downsampled); InternVL 64x64
 # -> 4 tiles + the thumbnail
 BIG = {"llava_onevision": (128, 96), "internvl": (64, 64)}
-STAGE0 = ["cls-prune:keep=6", "cls-prune:keep=12,budget=per_crop", "visionzip:dominant=4,contextual=3"]
+# stage-0 specs -> content tokens kept per image of BIG (OneVision's 10 row newlines come on top)
+STAGE0 = {"cls-prune:keep=6": 6, "cls-prune:keep=12,budget=per_crop": {"llava_onevision": 13, "internvl": 10},
+          "cls-prune:keep=0.25,score=uniform": {"llava_onevision": 36, "internvl": 20},
+          "visionzip:dominant=4,contextual=3": 7}
 INSIDE = ["fastv:k=2,keep=6", "dart:k=2,keep=8,pivots=2,text_pivots=2", "pyramiddrop:ratio=0.5",
           "sparsevlm:recycle=false", "vte:policy=layer,exit_layer=1"]
 
@@ -246,19 +249,20 @@ def _stage0_reference(model, inputs, spec, name):
 
 
 @pytest.mark.parametrize("family", ANYRES)
-@pytest.mark.parametrize("spec", STAGE0 + INSIDE)
+@pytest.mark.parametrize("spec", [*STAGE0, *INSIDE])
 def test_every_pruner_equals_the_model_on_the_kept_tokens(tiny, one_thread, family, spec):
     model, processor = tiny(family)
     inputs = _big_inputs(processor, family)
     name = spec.split(":")[0]
     if spec in STAGE0:
         stats = _stage0_reference(model, inputs, spec, name)
+        n_newline = 0
         if family == "llava_onevision":        # newlines are always kept, on top of the budget
             n_newline = int(sum(1 for r in testing.visual_rows_per_sample(model, inputs)[0]
                                 if torch.equal(r, model.model.image_newline.to(r))))
             assert n_newline == 10
-            budget = 7 if name == "visionzip" else (6 if "keep=6" in spec else 13)
-            assert stats["visual_tokens_kept"][0] == budget + n_newline
+        budget = STAGE0[spec] if isinstance(STAGE0[spec], int) else STAGE0[spec][family]
+        assert stats["visual_tokens_kept"] == [budget + n_newline] * 3
     else:
         _masking_reference(model, inputs, spec, name)
 
@@ -300,7 +304,7 @@ def _one(inputs, b, family):
 
 
 @pytest.mark.parametrize("family", ANYRES)
-@pytest.mark.parametrize("spec", STAGE0 + INSIDE + ["sparsevlm"])
+@pytest.mark.parametrize("spec", [*STAGE0, *INSIDE, "sparsevlm"])
 def test_padded_batch_equals_each_sample_alone(tiny, one_thread, family, spec):
     model, processor = tiny(family)
     inputs = testing.tiny_inputs(processor, batch=3, image_sizes=SIZES[family])
