@@ -127,7 +127,8 @@ class InternVLAdapter(ModelAdapter):
             if input_ids is None:
                 return
             prompt = (input_ids, self.forward_arg("attention_mask", args, kwargs))
-            if "pending" in captured:      # generate(): the images were encoded before this (prefill) forward
+            with_images = bool((input_ids == self.image_token_id).any())
+            if "pending" in captured and with_images:   # generate(): the images were encoded before its prefill
                 flush(*prompt)
             else:
                 captured["prompt"] = prompt
