@@ -580,3 +580,48 @@ def fixed_heads(factors: dict):
             call.edit_output(lambda out: out * f)
 
     return FixedHeads()
+
+
+# --- llava_onevision / internvl references ---
+def _pooled_features(model, inputs):
+    kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "batch_num_images")}
+    with torch.no_grad():
+        return model.model.get_image_features(**kw, return_dict=True).pooler_output
+
+
+def visual_rows_per_sample(model, inputs) -> list[torch.Tensor]:
+    """The LLM input rows of each sample's visual tokens ([n_b, D], prompt order) from the model's own
+    ``get_image_features``, for families whose features are per tile (InternVL: one [tiles, n, D] tensor) or
+    depend on ``batch_num_images`` (LLaVA-OneVision's multi-image samples)."""
+    ids = inputs["input_ids"]
+    rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in _pooled_features(model, inputs)])
+    return list(rows.split((ids == model.config.image_token_id).sum(1).tolist()))
+
+
+def reference_on_kept_rows(model, inputs, kept_positions: list[list[int]],
+                           rows: list[dict[int, torch.Tensor]] | None = None, **forward_kw):
+    """:func:`reference_on_kept` (1-D positions) on the rows of :func:`visual_rows_per_sample`, pre-encoded in the
+    family's own form (InternVL: one [1, N, D] tensor; OneVision: a list). Returns (output, kept columns)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    image_id = model.config.image_token_id
+    per_sample = visual_rows_per_sample(model, inputs)
+    cols, feed = [], []
+    for b in range(ids.shape[0]):
+        visual = (ids[b] == image_id).nonzero().squeeze(1).tolist()
+        kept = kept_positions[b]
+        cols.append(torch.tensor([(t not in visual) or (t in kept) for t in range(ids.shape[1])]).nonzero().squeeze(1))
+        sample_rows = [per_sample[b][visual.index(t)] for t in kept]
+        if rows is not None and rows[b]:
+            sample_rows = [rows[b].get(t, r).to(r) for t, r in zip(kept, sample_rows)]
+        feed.extend(sample_rows)
+    cols = torch.stack(cols)
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    stacked = torch.stack(feed)[None]
+    as_tensor = isinstance(_pooled_features(model, inputs), torch.Tensor)
+    encoded = BaseModelOutputWithPooling(pooler_output=stacked if as_tensor else list(stacked))
+    new = dict(input_ids=torch.gather(ids, 1, cols), attention_mask=torch.gather(am, 1, cols),
+               position_ids=torch.gather(positions, 1, cols), mm_encoder_outputs={"image": encoded})
+    with torch.no_grad():
+        return model(**new, **forward_kw), cols

@@ -33,6 +33,9 @@ class ClsPrune(Pruner):
       their token counts (the grid's share by top score over all its crops, so crops may get unequal
       shares); ``budget="per_crop"`` keeps the same k = keep / crops in every crop, as FasterVLM's code
       does (it prunes each crop before packing; an unpadded crop smaller than k keeps all its tokens).
+    - LLaVA-OneVision and InternVL: the same rule per image. OneVision: base crop vs the AnyRes-max grid (a
+      downsampled grid token belongs to the crop with the largest bilinear weight), row newlines always kept;
+      InternVL: the thumbnail (group 0) vs the tiles, ``per_crop`` = the same k in every tile and the thumbnail.
     - ``score``: ``auto`` = the family's default: ``cls`` for CLIP towers; Qwen-VL has no [CLS], so
       ``received`` = mean attention each patch receives in the last full-attention vision block, pooled
       over the 2x2 merge unit (the author's recommendation). Ablations: ``received`` on CLIP too,

@@ -86,7 +86,7 @@ class LlavaAdapter(ModelAdapter):
                 captured["crop_shape"] = (n_img, (out[0] if isinstance(out, tuple) else out).shape[1] - drop_cls)
 
         installed.forward_hook(layer, on_layer)
-        if self.family == "llava_next":
+        if self.family != "llava":
             self._install_next_packing(installed, captured, sink)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -94,12 +94,14 @@ class LlavaAdapter(ModelAdapter):
         return self.projector(features.to(weight.device, weight.dtype))
 
     def _install_next_packing(self, installed, captured, sink) -> None:
-        """Map per-crop rows onto LLaVA-NeXT's packed tokens (base crop, unpadded grid, row newlines).
+        """Map per-crop rows onto the packed tokens (LLaVA-NeXT: base crop, unpadded grid, row newlines).
 
-        All captured quantities (and the crop index of each row) ride as channels through the model's own
-        ``pack_image_features``, with a newline row whose crop channel is -1, so they land exactly where the
-        features land. ``image_sizes`` only reaches ``get_image_features``, so that method is wrapped on
-        this instance (restored on removal).
+        All captured quantities, and a one-hot channel per crop of the image, ride as channels through the
+        model's own ``pack_image_features``, with a newline row whose crop channels are all 0 (group -1), so they
+        land exactly where the features land (what the packing does to features, e.g. OneVision's bilinear
+        downsampling, it does to them too). A token's group is its crop (argmax of the crop channels).
+        ``image_sizes`` only reaches ``get_image_features``, so that method is wrapped on this instance
+        (restored on removal).
         """
         inner = self.model.model
         original = inner.get_image_features
@@ -110,9 +112,14 @@ class LlavaAdapter(ModelAdapter):
             crops = captured.pop("crops")
             names = sorted(crops)
             n_crops, per_crop = captured.pop("crop_shape")
+            counts = self._crops_per_image(image_sizes, kwargs)
+            if sum(counts) != n_crops:
+                raise RuntimeError(f"{self.family}: the vision tower encoded {n_crops} crops, the images need {counts}")
             device = pixel_values.device
-            columns = [torch.arange(n_crops, device=device, dtype=torch.float32)[:, None, None].expand(-1, per_crop, 1)]
-            widths = [1]
+            width = max(counts)
+            local = torch.cat([torch.arange(c, device=device) for c in counts])
+            columns = [torch.nn.functional.one_hot(local, width).float()[:, None, :].expand(-1, per_crop, -1)]
+            widths = [width]
             for name in names:
                 t = crops[name].float()
                 t = t[..., None] if t.dim() == 2 else t
@@ -120,17 +127,13 @@ class LlavaAdapter(ModelAdapter):
                 widths.append(t.shape[-1])
             stacked = torch.cat(columns, dim=-1)
             newline = torch.zeros(stacked.shape[-1], device=device)
-            newline[0] = -1.0
-            counts = _crops_per_image(self.model.config, image_sizes)
-            strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-            packed, lens = inner.pack_image_features(list(torch.split(stacked, counts)), image_sizes, strategy,
-                                                     image_newline=newline)
-            if isinstance(packed, torch.Tensor):
-                packed = torch.split(packed, [int(n) for n in lens])
+            packed = self._pack_channels(list(torch.split(stacked, counts)), image_sizes, newline, kwargs)
             images = []
             for rows in packed:
                 parts = torch.split(rows, widths, dim=-1)
-                image = {"group": parts[0][:, 0].round().long().cpu()}
+                crop = parts[0]
+                group = torch.where(crop.sum(-1) > 0.5, crop.argmax(-1), -1)
+                image = {"group": group.long().cpu()}
                 for name, part in zip(names, parts[1:]):
                     image[name] = part[:, 0] if name in ("cls", "received") else part
                 images.append(image)
@@ -138,6 +141,16 @@ class LlavaAdapter(ModelAdapter):
             return out
 
         installed.set_attr(inner, "get_image_features", get_image_features)
+
+    def _crops_per_image(self, image_sizes, kwargs: dict) -> list[int]:
+        return _crops_per_image(self.model.config, image_sizes)
+
+    def _pack_channels(self, per_image: list[torch.Tensor], image_sizes, newline: torch.Tensor,
+                       kwargs: dict) -> list[torch.Tensor]:
+        """The model's own packing applied to per-crop channels ``per_image[i]`` [crops, per_crop, C]: [n_i, C]."""
+        strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        packed, lens = self.model.model.pack_image_features(per_image, image_sizes, strategy, image_newline=newline)
+        return list(torch.split(packed, [int(n) for n in lens])) if isinstance(packed, torch.Tensor) else list(packed)
 
     @property
     def patches_per_crop(self) -> int:
