@@ -339,3 +339,31 @@ def test_pyramiddrop_ranks_by_the_next_layers_own_attention(gemma):
         visual = inputs["input_ids"][b] == model.config.image_token_id
         last = int(inputs["attention_mask"][b].nonzero().max())
         torch.testing.assert_close(seen[1][b], attn[b, :, last].mean(0)[visual], rtol=1e-4, atol=1e-6)
+
+
+# --- vcd (its noised-image branch feeds Gemma 3's stacked per-image features) ----------------------------------
+def test_vcd_logits_equal_a_hand_computation(gemma):
+    """cd from two unmodified forwards: the clean inputs and the same inputs with noised pixel_values."""
+    from attnkit.interventions.vcd import diffusion_noise
+
+    model, processor = gemma
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with torch.no_grad():
+        clean = model(**inputs).logits[:, -1]
+        noised = model(**dict(inputs, pixel_values=diffusion_noise(inputs["pixel_values"], 500, 0))).logits[:, -1]
+        with attnkit.intervene(model, "vcd:alpha=1.0,beta=0.1"):
+            got = model(**inputs).logits[:, -1]
+    want = 2 * clean - noised
+    want = want.masked_fill(clean < torch.log(torch.tensor(0.1)) + clean.max(-1, keepdim=True).values, float("-inf"))
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not torch.allclose(noised, clean)
+    torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-5, atol=1e-5)
+
+
+def test_vcd_generate_with_cache_equals_a_no_cache_loop(gemma):
+    model, processor = gemma
+    inputs = testing.tiny_inputs(processor, batch=3)
+    with attnkit.intervene(model, "vcd:beta=0.001"):
+        out = model.generate(**inputs, max_new_tokens=4, **GEN)
+        loop = testing.greedy_reference(model, inputs, 4, "gemma3")
+    assert torch.equal(out, loop)
+    assert not torch.equal(out, model.generate(**inputs, max_new_tokens=4, **GEN))

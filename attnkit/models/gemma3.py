@@ -26,11 +26,11 @@ class Gemma3Adapter(ModelAdapter):
     (``create_masks_for_vision_model``, ``create_causal_mask`` / ``create_sliding_window_causal_mask``)
     build for the KEPT sequence, as the unmodified model fed only those tokens (at their original
     positions) would: kept image tokens of one image stay one bidirectional block, and the sliding window
-    counts kept tokens (a local layer's cache holds the last ``sliding_window - 1`` kept keys).
+    counts kept tokens (a local layer's cache holds the last ``sliding_window - 1`` kept keys). Pruners that
+    read layer K-1's attention (FastV, SparseVLM) read it as the layer computed it (its own mask: window
+    included on a local layer); PyramidDrop's probe of layer K uses that layer's rotary base and, as on every
+    family, a plain causal mask (on a local layer the ranking row is not cut to the window).
     """
-
-    noised_images_unsupported = ("Gemma 3 returns per-image feature lists that the noised "
-                                 "re-encoding does not handle yet")
 
     families = {"Gemma3ForConditionalGeneration": "gemma3"}
     vision_scores = ("received",)
