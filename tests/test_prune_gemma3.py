@@ -367,3 +367,45 @@ def test_vcd_generate_with_cache_equals_a_no_cache_loop(gemma):
         loop = testing.greedy_reference(model, inputs, 4, "gemma3")
     assert torch.equal(out, loop)
     assert not torch.equal(out, model.generate(**inputs, max_new_tokens=4, **GEN))
+
+
+@pytest.mark.parametrize("name", ["cls-prune", "fastv", "visionzip"])
+def test_two_images_per_sample_keep_one_block_each(gemma, name):
+    """Two images in a sample: each image's kept tokens form their own bidirectional block (the reference's
+    block ids come from the kept tokens' ``token_type_ids``), in prefill, at layer 0 and at layer K."""
+    model, processor = gemma
+    inputs = testing.tiny_inputs(processor, batch=2, n_images=2)
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 2 * model.config.mm_tokens_per_image
+    pruned, stages, rows = _pruned(model, inputs, name)
+    ref = testing.gemma3_reference_on_kept(model, inputs, stages, rows=rows)
+    keep = _kept_rows(inputs, model, stages)
+    torch.testing.assert_close(pruned[keep], ref[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_other_sliding_window_models_are_still_refused():
+    """Only an adapter that rebuilds sliding-window masks (Gemma 3) lifts the dropper's refusal."""
+    import transformers
+
+    cfg = testing.tiny_config("qwen2_vl")
+    text = cfg.text_config
+    text.use_sliding_window, text.sliding_window, text.max_window_layers = True, 8, 0
+    text.layer_types = ["sliding_attention", "full_attention"] * 2
+    model = transformers.Qwen2VLForConditionalGeneration._from_config(cfg).eval()
+    assert model.model.language_model.has_sliding_layers
+    with pytest.raises(ValueError, match="not supported for sliding-window layers"):
+        attnkit.wrap(model, "cls-prune:keep=5")
+    assert attnkit.handle_of(model) is None
+
+
+@pytest.mark.parametrize("name", ["cls-prune", "fastv", "visionzip", "pyramiddrop"])
+def test_beams_and_return_sequences_equal_each_sample_alone(gemma, name):
+    model, processor = gemma
+    inputs = testing.tiny_inputs(processor, batch=2)
+    gen = dict(GEN, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    with attnkit.intervene(model, SPECS[name]):
+        batched = model.generate(**inputs, **gen)
+        for b in range(2):
+            one = _alone(inputs, b)
+            alone = model.generate(**one, **gen)
+            assert torch.equal(batched[2 * b:2 * b + 2, inputs["input_ids"].shape[1]:],
+                               alone[:, one["input_ids"].shape[1]:])
