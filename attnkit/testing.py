@@ -625,3 +625,65 @@ def reference_on_kept_rows(model, inputs, kept_positions: list[list[int]],
                position_ids=torch.gather(positions, 1, cols), mm_encoder_outputs={"image": encoded})
     with torch.no_grad():
         return model(**new, **forward_kw), cols
+
+
+# --- gemma3 references ---------------------------------------------------------------------------------------
+def gemma3_reference_on_kept(model, inputs, stages: list[tuple[int, list[list[int]]]],
+                             rows: list[list[dict[int, torch.Tensor]]] | None = None,
+                             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNWRAPPED Gemma 3 run layer by layer, each sample alone on its valid tokens: the decoder layers before
+    stage ``(layer, kept[b])``'s layer on the sequence so far, from it on only the non-visual tokens and the
+    stage's kept visual tokens (several stages: each a subset of the one before), at their ORIGINAL positions
+    (``position_ids``, default 0..L-1), with the masks the model's own ``create_masks_for_vision_model`` builds
+    for that shorter sequence from its ``token_type_ids`` (same-image blocks; the window counts the tokens it
+    holds) and each layer type's rotary. ``rows[s][b]`` maps a kept position to the row it holds entering stage
+    s's layer (merged tokens; stage 0 = LLM input rows). Returns logits [B, L, V], zero on rows not run."""
+    from transformers.masking_utils import create_masks_for_generate
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    ids, am = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, L = ids.shape
+    inner, lm = model.model, model.model.language_model
+    cfg = lm.config
+    visual_all = ids == model.config.image_token_id
+    with torch.no_grad():
+        feats = inner.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
+        feats = feats.reshape(-1, feats.shape[-1]).split(visual_all.sum(1).tolist())
+        embeds = inner.get_input_embeddings()(ids)
+    positions = torch.arange(L).expand(B, -1) if position_ids is None else position_ids
+    types = inputs.get("token_type_ids")
+    out = torch.zeros(B, L, model.config.text_config.vocab_size)
+    for b in range(B):
+        x = embeds[b].clone()
+        x[visual_all[b]] = feats[b].to(x)
+        cols = am[b].nonzero().squeeze(1)
+        h = x[cols][None]
+        masks = rotary = None
+        with torch.no_grad():
+            for i, layer in enumerate(lm.layers):
+                for s, (at, kept) in enumerate(stages):
+                    if at != i:
+                        continue
+                    keep = torch.tensor([(not visual_all[b, t]) or int(t) in kept[b] for t in cols.tolist()])
+                    h, cols = h[:, keep], cols[keep]
+                    for t, r in (rows[s][b] if rows is not None else {}).items():
+                        h[0, (cols == t).nonzero().squeeze(1)] = r.to(h)
+                    masks = None
+                if masks is None:
+                    pos = positions[b, cols][None]
+                    kw = dict(config=cfg, inputs_embeds=h, attention_mask=torch.ones_like(pos), past_key_values=None,
+                              position_ids=pos)
+                    if types is not None:
+                        masks = create_masks_for_vision_model(
+                            **kw, block_sequence_ids=get_block_sequence_ids_for_mask(types[b, cols][None]))
+                    else:
+                        masks = create_masks_for_generate(**kw)
+                    rotary = {kind: lm.rotary_emb(h, pos, kind) for kind in set(cfg.layer_types)}
+                kind = cfg.layer_types[i]
+                h = layer(h, attention_mask=masks[kind], position_embeddings=rotary[kind], position_ids=pos,
+                          past_key_values=None)
+            out[b, cols] = model.lm_head(lm.norm(h))[0].float()
+    return out

@@ -24,7 +24,7 @@ NEW = testing.NEW_FAMILIES
 GEN = dict(do_sample=False, suppress_tokens=testing.SPECIAL_IDS)
 CLASSES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
            "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
-PRUNABLE = ("llava_onevision", "internvl")   # pruning written (tests/test_prune_anyres.py); the others refuse it
+PRUNABLE = ("llava_onevision", "internvl", "gemma3")   # pruning written (tests/test_prune_<family>.py); the others refuse it
 MARKER = {"gemma3": ("<start_of_turn>", "assistant")}   # the others use the Qwen-style template
 
 
@@ -427,15 +427,17 @@ def test_gemma3_var_on_a_sliding_layer_equals_the_reference_from_the_model_masks
 @pytest.mark.parametrize("family", NEW)
 def test_two_branch_methods_generate_or_are_refused_with_the_reason(tiny, family):
     """PAI with its CFG step runs on every new family (cached generate equals the no-cache loop); VCD re-encodes a
-    noised image, which is written for OneVision and refused with the reason elsewhere."""
+    noised image, which is written for OneVision and Gemma 3 and refused with the reason elsewhere."""
     model, processor = tiny(family)
     inputs = testing.tiny_inputs(processor, batch=2)
-    specs = ["pai"] + (["vcd"] if family == "llava_onevision" else [])
+    vcd = get_adapter(model).noised_images_unsupported is None     # written for OneVision and Gemma 3
+    assert vcd == (family in ("llava_onevision", "gemma3"))
+    specs = ["pai"] + (["vcd"] if vcd else [])
     for spec in specs:
         with attnkit.intervene(model, spec):
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
             assert torch.equal(out, testing.greedy_reference(model, inputs, 3, family))
-    if family != "llava_onevision":
+    if not vcd:
         with pytest.raises(ValueError, match=f"vcd is not supported on {family} yet: "):
             attnkit.wrap(model, "vcd")
         assert attnkit.handle_of(model) is None

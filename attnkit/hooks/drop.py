@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 
 @dataclass
@@ -127,7 +126,7 @@ class Dropper:
         n = ctx.adapter.num_layers
         if not ctx.adapter.supports_token_dropping:
             raise ValueError(f"dropping visual tokens is not yet supported on {ctx.adapter.family}")
-        if getattr(ctx.adapter.language_model, "has_sliding_layers", False):
+        if getattr(ctx.adapter.language_model, "has_sliding_layers", False) and not ctx.adapter.rebuilds_sliding_masks:
             raise ValueError("dropping visual tokens is not supported for sliding-window layers")
         candidates = tuple(range(1, n)) if layers is None else tuple(sorted(set(layers)))
         bad = [k for k in candidates if not 0 <= k < n]
@@ -142,6 +141,7 @@ class Dropper:
         self._layer_kwargs: dict[int, dict] = {}   # per plan (by from_layer): kwargs for its layers
         self._mask_2d: torch.Tensor | None = None
         self._caller_positions = True
+        self._top_mask, self._mask_inputs = None, {}   # the top call's padding mask; adapter.mask_inputs of it
         self._decode_masks: dict[int, torch.Tensor] = {}
         inst = ctx.installed
         inst.forward_pre_hook(ctx.model, self._top_pre, with_kwargs=True)
@@ -212,7 +212,7 @@ class Dropper:
         from attnkit.hooks.attention import ATTR
 
         plan = self.plan
-        cos, sin = self._rotary
+        cos, sin = self.ctx.adapter.layer_rotary(layer, self._rotary, self._rotary_positions, hidden)
         if plan is not None and hidden.shape[1] != cos.shape[-2]:
             index = self._input_index(plan)
             cos, sin = gather_along(cos, 1, index), gather_along(sin, 1, index)
@@ -230,10 +230,13 @@ class Dropper:
     # --- hooks -----------------------------------------------------------------------------------------
     def _keep_rotary(self, module, args, kwargs):
         if self.ctx.state.step == 0:
-            self._rotary = kwargs.get("position_embeddings")
+            self._rotary, self._rotary_positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+
     def _top_pre(self, module, args, kwargs):
         # the handle clears state.keep_plans at each prefill; _lm_pre clears the per-forward layer kwargs
         self._caller_positions = self.ctx.adapter.forward_arg("position_ids", args, kwargs) is not None
+        self._top_mask = self.ctx.adapter.forward_arg("attention_mask", args, kwargs)
+        self._mask_inputs = self.ctx.adapter.mask_inputs(args, kwargs)
 
     def _lm_pre(self, module, args, kwargs):
         state = self.ctx.state
@@ -243,8 +246,9 @@ class Dropper:
             return None
         B, q = embeds.shape[:2]
         cache = kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        mask = self._top_mask if isinstance(mask, dict) else mask    # masks the model prepared: its padding mask
         if state.step == 0 and q == state.spans.length:                      # prefill
-            mask = kwargs.get("attention_mask")
             self._mask_2d = torch.ones(B, q, dtype=torch.long, device=embeds.device) if mask is None else mask
             if 0 not in self.candidates or not state.spans.has_images():
                 return None
@@ -257,13 +261,14 @@ class Dropper:
                 positions = (torch.arange(q, device=embeds.device) + past).expand(B, q)
             kwargs["inputs_embeds"] = self._apply(decision, 0, embeds)
             kwargs["position_ids"] = self.plan.gather(positions, -1)
-            kwargs["attention_mask"] = self.plan.compress_mask(self._mask_2d)
+            kept_mask = self.plan.compress_mask(self._mask_2d)
+            kwargs["attention_mask"] = self.ctx.adapter.kept_masks(self._mask_inputs, kwargs["inputs_embeds"],
+                                                                   kept_mask, cache, 0, self._kept_positions(self.plan))
             if self.compact:
-                kwargs["position_ids"] = self._compact(kwargs["position_ids"], kwargs["attention_mask"])
+                kwargs["position_ids"] = self._compact(kwargs["position_ids"], kept_mask)
             return args, kwargs
         if not self.plans:
             return None
-        mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             first = self.plans[0]
             generated = cache.get_seq_length(first.from_layer) + q - first.index.shape[1]
@@ -316,10 +321,14 @@ class Dropper:
             return None     # the language model's own kwargs already describe a layer-0 plan
         hidden = args[0] if args else kwargs["hidden_states"]
         prefill = self.ctx.state.step == 0 and hidden.shape[1] == plan.index.shape[1]
-        cached = self._layer_kwargs.get(plan.from_layer)
+        # per plan and rotary (Gemma 3's local and global layers have their own)
+        key = (plan.from_layer, id((kwargs.get("position_embeddings") or (None,))[0]))
+        cached = self._layer_kwargs.get(key)
         if cached is None or cached["q_len"] != hidden.shape[1]:
-            cached = self._layer_kwargs[plan.from_layer] = self._kwargs_for(plan, hidden, kwargs, prefill)
+            cached = self._layer_kwargs[key] = self._kwargs_for(plan, hidden, kwargs, prefill)
         kwargs.update({k: v for k, v in cached.items() if k != "q_len"})
+        if isinstance(kwargs["attention_mask"], dict):   # masks by layer type
+            kwargs["attention_mask"] = kwargs["attention_mask"][self.lm.config.layer_types[layer_idx]]
         return args, kwargs
 
     def _kwargs_for(self, plan: KeepPlan, hidden, kwargs, prefill: bool) -> dict:
@@ -334,9 +343,14 @@ class Dropper:
             mask_2d = plan.compress_mask(self._mask_2d)
         else:
             mask_2d = self._decode_masks[plan.from_layer]
-        out["attention_mask"] = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                                   past_key_values=cache, layer_idx=plan.from_layer)
+        out["attention_mask"] = self.ctx.adapter.kept_masks(self._mask_inputs, hidden, mask_2d, cache, plan.from_layer,
+                                                            self._kept_positions(plan) if prefill else None)
         return out
+
+    @staticmethod
+    def _kept_positions(plan: KeepPlan) -> torch.Tensor:
+        """``plan``'s kept prompt positions [B, Lk], -1 on pad slots."""
+        return torch.where(plan.slot_valid, plan.index, -1)
 
     def _lm_post(self, module, args, output):
         plan, state = self.plan, self.ctx.state

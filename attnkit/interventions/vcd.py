@@ -71,6 +71,7 @@ class VCD(Intervention):
     def __post_init__(self):
         super().__post_init__()
         self._noised: list[torch.Tensor] | None = None
+        self._stacked = False
         self._branch = None
 
     def attach(self, ctx) -> None:
@@ -92,7 +93,9 @@ class VCD(Intervention):
                 units = None if grid is None or pixels.dim() != 2 else grid.prod(-1).tolist()
                 noised = diffusion_noise(pixels, self.noise_step, self.seed, units)
                 extra = call.pop("kwargs", {}) if "kwargs" in params else {}
-                self._noised = list(original(noised, **call, **extra).pooler_output)
+                features = original(noised, **call, **extra).pooler_output
+                self._stacked = isinstance(features, torch.Tensor)   # Gemma 3: one [images, tokens, D] tensor
+                self._noised = list(features)
             return out
 
         ctx.installed.set_attr(base, "get_image_features", get_image_features)
@@ -113,7 +116,9 @@ class VCD(Intervention):
     def _inputs(self, call: dict, state, branch, prefill: bool) -> BranchInputs:
         kw = {k: v for k, v in call.items() if k not in ("past_key_values", "pixel_values", "mm_encoder_outputs")}
         if prefill:
-            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._expanded(state))}
+            features = self._expanded(state)
+            features = torch.stack(features) if self._stacked else features
+            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return BranchInputs(kw, same_layout=True)
 
     def _expanded(self, state) -> list[torch.Tensor]:

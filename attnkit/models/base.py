@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.masking_utils import create_causal_mask
 
 from attnkit.models.spans import VisualSpans
 
@@ -129,6 +130,34 @@ class ModelAdapter:
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_token_counts: list[int] | None = None) -> VisualSpans:
         return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)
+
+    # --- masks and rotary of a shortened sequence (the token dropper, attnkit.hooks.drop) ------------------
+    # True: kept_masks() rebuilds sliding-window masks correctly (the dropper refuses sliding layers otherwise)
+    rebuilds_sliding_masks: bool = False
+
+    def mask_inputs(self, args: tuple, kwargs: dict) -> dict:
+        """What :meth:`kept_masks` needs from a top-model forward call besides the padding mask (default: nothing)."""
+        return {}
+
+    def kept_masks(self, inputs: dict, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, from_layer: int,
+                   kept: torch.Tensor | None):
+        """The ``attention_mask`` of decoder layers ``from_layer`` on when they run on kept tokens only.
+
+        ``inputs``: :meth:`mask_inputs` of this forward; ``hidden`` [B, q, D] the rows entering ``from_layer``;
+        ``mask_2d`` the padding mask over kept (+ generated) columns; ``kept`` [B, Lk] the kept prompt positions
+        (-1 on pad slots) at prefill, None at decode. ``from_layer == 0``: what the language model receives
+        (default: ``mask_2d``, the model builds its causal mask); else what each layer receives (default: the
+        causal mask sized against ``from_layer``'s cache). A dict is read by layer type (``layer_types``).
+        """
+        if from_layer == 0:
+            return mask_2d
+        return create_causal_mask(config=self.language_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
+                                  past_key_values=cache, layer_idx=from_layer)
+
+    def layer_rotary(self, layer_idx: int, rotary: tuple, position_ids: torch.Tensor | None, like: torch.Tensor):
+        """Decoder layer ``layer_idx``'s rotary ``(cos, sin)`` given layer 0's (``rotary``) and the language model's
+        ``position_ids``; default: one rotary embedding for every layer."""
+        return rotary
 
 
 def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
