@@ -17,7 +17,7 @@
 #   3. throughput  eval throughput at batch 1/8/32 per architecture (python -m benchmarks.eval_throughput), if that
 #                  module is present; in a dry run once, for the first architecture, with --dry-run
 # Writes ONE markdown file: --out, else $OUT/gpu_results.md if $OUT is set, else benchmarks/gpu_results.md
-# (gitignored); its path is printed at the end. Exit status 1 if any step failed or was cut or skipped for lack of
+# (gitignored; the console output goes to gpu_results.log beside it); its path is printed at the end. Exit status 1 if any step failed or was cut or skipped for lack of
 # time; a missing optional part (flash_attn, benchmarks.eval_throughput) is a noted skip, not a failure.
 set -u
 
@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ -z "$BUDGET" ]; then BUDGET=$([ $DRY = 1 ] && echo 110 || echo 450); fi
+if [ -z "$BUDGET" ]; then BUDGET=$([ $DRY = 1 ] && echo 150 || echo 450); fi
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu.sh: --budget-s '$BUDGET' is not a whole number of seconds" >&2; exit 2 ;; esac
 [ -n "$FAMILIES" ] || { echo "gpu.sh: --families is empty (allowed: llava llava_next qwen2_vl qwen2_5_vl)" >&2; exit 2; }
 for f in $FAMILIES; do
@@ -67,6 +67,8 @@ if [ -z "$OUTFILE" ]; then
   if [ -n "${OUT:-}" ]; then OUTFILE="$OUT/gpu_results.md"; else OUTFILE="$ROOT/benchmarks/gpu_results.md"; fi
 fi
 mkdir -p "$(dirname "$OUTFILE")" && : > "$OUTFILE" || { echo "gpu.sh: cannot write $OUTFILE" >&2; exit 1; }
+LOG="${OUTFILE%.md}.log"   # the console output too (tracebacks of failed parts), next to the results
+exec > >(tee "$LOG") 2>&1
 
 now() { date +%s; }
 T0=$(now)
@@ -199,5 +201,5 @@ TOTAL=$(( $(now) - T0 ))
 printf '%s\n' "" "## Steps ($TOTAL s of a $BUDGET-s budget$([ $DRY = 1 ] && echo ', dry run'))" "" \
   "| step | status | s | note |" "|---|---|---|---|" "${STEPS[@]}" >> "$OUTFILE"
 echo "[gpu.sh] total ${TOTAL}s of ${BUDGET}s; $([ $FAILED = 1 ] && echo 'SOME STEPS FAILED OR WERE CUT OR SKIPPED' || echo 'all steps done')"
-echo "[gpu.sh] results: $OUTFILE"
+echo "[gpu.sh] results: $OUTFILE (console log: $LOG)"
 exit $FAILED

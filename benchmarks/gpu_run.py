@@ -151,6 +151,9 @@ def _pruning_part(model, inputs, family, attn, n_visual, n_content, layers, deco
     length = inputs["input_ids"].shape[1]
     note = f"{n_content} image tokens -> {' / '.join(map(str, keeps))}; median of {rounds} round(s) after a " \
            f"warm-up{' (cut short by the time budget)' if rounds < repeats else ''}; {decode} decode steps"
+    if n_visual > n_content:
+        note += (f"; the pruners before the LLM (cls-prune, visionzip) keep the {n_visual - n_content} newline tokens "
+                 f"on top of the budget, the in-LLM ones count them in: 'visual' is what each kept")
     return [note, ""] + pruning.table_lines(res, length, n_visual, layers)
 
 
