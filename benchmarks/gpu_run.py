@@ -123,9 +123,14 @@ def family_step(family: str, out: Path, deadline: float, attns: list[str], dry_r
             write(f"**FAILED** after {time.time() - start:.1f} s: {type(e).__name__}: {e}", "")
             print(f"[{family}] {title}: FAILED ({type(e).__name__}: {e})", flush=True)
             failures += 1
-        finally:
+        finally:   # the next part starts from the plain sdpa model, whatever this one left behind
+            leaked = getattr(model, "_attnkit_handle", None)
+            if leaked is not None:
+                leaked.remove()
             if model.config.text_config._attn_implementation != "sdpa":
                 model.set_attn_implementation("sdpa")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"[{family}] done in {time.time() - t0:.1f} s, {failures} part(s) failed or skipped", flush=True)
     return failures
 

@@ -177,3 +177,22 @@ def test_7b_configs_match_the_published_models(family):
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     # FasterVLM's counts: 576 for LLaVA-1.5 (336 px / 14), 2880 for LLaVA-NeXT (+ 48 newline tokens); Qwen 672 px
     assert (gpu_models.content_tokens(family), visual) == {"llava_next": (2880, 2928)}.get(family, (576, 576))
+
+
+def test_a_failing_part_is_reported_and_the_next_parts_run_on_a_clean_model(tmp_path, monkeypatch):
+    import attnkit
+    from benchmarks import gpu_run
+
+    def broken(model, *args):   # fails while the model is wrapped, as a pruner raising mid-generate would
+        attnkit.wrap(model, "cls-prune:keep=8")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_run, "_pruning_part", broken)
+    out = tmp_path / "r.md"
+    assert gpu_run.family_step("llava", out, time.time() + 600, ["sdpa"], dry_run=True) == 1
+    parts = re.split(r"^### (.+)$", out.read_text(), flags=re.M)
+    body = dict(zip(parts[1::2], parts[2::2]))
+    assert "**FAILED** after" in body["Pruners at equal budgets (sdpa)"]
+    assert "RuntimeError: boom" in body["Pruners at equal budgets (sdpa)"]
+    decode = data_rows(body["var / vhr / pai decode overhead (sdpa)"])
+    assert [r[0].split(":")[0].strip("`") for r in decode] == ["var", "vhr", "pai"]
