@@ -15,7 +15,7 @@
 #                  no-op overhead, every pruner at equal budgets with sdpa and flash-attention-2 (576 -> 192/128/64;
 #                  NeXT 2880 -> 144), var/vhr/pai decode overhead
 #   3. throughput  eval throughput at batch 1/8/32 per architecture (python -m benchmarks.eval_throughput), if that
-#                  module is present; in a dry run once, for the first architecture, with --dry-run
+#                  module is present; in a dry run once, for the first architecture, with --dry-run --no-lmms
 # Writes ONE markdown file: --out, else $OUT/gpu_results.md if $OUT is set, else benchmarks/gpu_results.md
 # (gitignored; the console output goes to gpu_results.log beside it); its path is printed at the end. Exit status 1 if any step failed or was cut or skipped for lack of
 # time; a missing optional part (flash_attn, benchmarks.eval_throughput) is a noted skip, not a failure.
@@ -180,7 +180,8 @@ for f in $TPUT_FAMILIES; do
     continue
   fi
   if begin_step $i; then
-    if [ $DRY = 1 ]; then args=(--family "$f" --dry-run)
+    # a dry run checks the call: without lmms-eval's rows (they double its time; the 7B run skips them for its model)
+    if [ $DRY = 1 ]; then args=(--family "$f" --dry-run --no-lmms)
     else args=(--family "$f" --size 7b --batches 1 8 32 --device cuda --dtype "$(dtype_of "$f")"); fi
     printf '%s\n' "" "## Eval throughput: $f" "" "\`python -m $TPUT_MODULE ${args[*]}\`" "" >> "$OUTFILE"
     t=$(now)
