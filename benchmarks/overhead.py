@@ -23,14 +23,26 @@ from attnkit import testing
 from benchmarks.common import machine, mid_inputs, mid_model, paired
 
 
-def overhead(family: str, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    model = mid_model(family)
-    inputs = mid_inputs(family)
+def _sync_for(model):
+    """``torch.cuda.synchronize`` if the model is on a GPU (kernels run asynchronously: a clock read without it
+    times the launch, not the work), else a no-op."""
+    if next(model.parameters()).device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def overhead(family: str, repeats: int, clock=time.perf_counter, model=None, inputs=None) -> dict[str, float]:
+    """Median forward seconds unwrapped (``plain``) and wrapped with no intervention (``run``), in turns, and the
+    median per-round ratio; on the mid-size ``family`` model unless ``model``/``inputs`` are given."""
+    model = mid_model(family) if model is None else model
+    inputs = mid_inputs(family) if inputs is None else inputs
+    sync = _sync_for(model)
     handles = []
 
     def forward():
         with torch.no_grad():
             model(**inputs)
+        sync()
 
     r = paired(forward, lambda: handles.append(attnkit.wrap(model)), forward, lambda: handles.pop().remove(),
                repeats=repeats, clock=clock)
@@ -42,11 +54,22 @@ INTERVENTION_SPECS = {"var": "var:sink_dims=0+1,tau=2", "vhr": "vhr", "pai": "pa
 
 
 def _generate_timings(model, inputs, new_tokens: int, clock=time.perf_counter) -> tuple[float, float]:
-    """(prefill s, median decode s/token) of one greedy ``generate()``, from per-forward timestamps."""
+    """(prefill s, median decode s/token) of one greedy ``generate()``, from per-forward timestamps (after a CUDA
+    synchronisation on a GPU)."""
+    sync = _sync_for(model)
     times: list[float] = []
     start: list[float] = []
-    pre = model.register_forward_pre_hook(lambda *a: start.append(clock()), prepend=True)  # before vhr's pass
-    post = model.register_forward_hook(lambda *a: times.append(clock() - start[-1]))
+
+    def begin(*_):   # returns None: a hook's return value would replace the forward's inputs
+        sync()
+        start.append(clock())
+
+    def end(*_):
+        sync()
+        times.append(clock() - start[-1])
+
+    pre = model.register_forward_pre_hook(begin, prepend=True)  # before vhr's pass
+    post = model.register_forward_hook(end)
     try:
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -57,10 +80,13 @@ def _generate_timings(model, inputs, new_tokens: int, clock=time.perf_counter) -
 
 
 def intervention_overhead(family: str, specs: dict[str, str], repeats: int, new_tokens: int,
-                          clock=time.perf_counter) -> list[dict]:
-    """Per intervention: prefill and decode-step medians, unwrapped vs wrapped, and the median per-round ratios."""
-    model = mid_model(family)
-    inputs = mid_inputs(family)
+                          clock=time.perf_counter, model=None, inputs=None,
+                          deadline: float | None = None) -> list[dict]:
+    """Per intervention: prefill and decode-step medians, unwrapped vs wrapped, and the median per-round ratios
+    (on the mid-size ``family`` model unless ``model``/``inputs`` are given). With ``deadline`` (``time.time()``),
+    an intervention's rounds stop after the first measured one that ends past it (``rounds`` says how many)."""
+    model = mid_model(family) if model is None else model
+    inputs = mid_inputs(family) if inputs is None else inputs
     rows = []
     for spec in specs.values():
         res: dict[str, list[float]] = {k: [] for k in ("pre", "pre_w", "dec", "dec_w", "pre_r", "dec_r")}
@@ -72,8 +98,10 @@ def intervention_overhead(family: str, specs: dict[str, str], repeats: int, new_
                 for k, v in (("pre", pre), ("pre_w", pre_w), ("dec", dec), ("dec_w", dec_w),
                              ("pre_r", pre_w / pre), ("dec_r", dec_w / dec)):
                     res[k].append(v)
+                if deadline is not None and time.time() > deadline:
+                    break
         rows.append({"family": family, "spec": spec, "tokens": inputs["input_ids"].shape[1],
-                     **{k: statistics.median(v) for k, v in res.items()}})
+                     "rounds": len(res["pre"]), **{k: statistics.median(v) for k, v in res.items()}})
     return rows
 
 

@@ -4,8 +4,9 @@
 
 LLaVA-1.5 layout (CLIP at 336 px / 14 -> 576 visual tokens) at keep = 576 (none), 192, 128, 64, and
 Qwen2-VL with the same number of visual tokens at the matching ratios. Mid-size random-weight configs
-by default (real modeling code; latency does not depend on the weights); ``--size 7b`` builds the
-LLaVA-1.5-7B / Qwen2-VL-7B language-model shapes (for a GPU). All rows of a table come from one run.
+by default (real modeling code; latency does not depend on the weights); ``--size 7b`` builds the published
+LLaVA-1.5-7B / LLaVA-NeXT-7B / Qwen2-VL-7B / Qwen2.5-VL-7B configs on the device (``benchmarks.gpu_models``; for a
+GPU: ``benchmarks/gpu.sh`` runs them all). All rows of a table come from one run.
 
 Columns: visual tokens the LLM sees; prefill = start of ``generate()`` to the end of its first forward
 (vision + LLM); LLM prefill = that first forward alone; decode = median ms of the later forwards; KV = cache bytes after
@@ -48,15 +49,23 @@ def _inputs(family: str, size: testing.TinySize, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _run(model, inputs, specs, decode: int, repeats: int, device, clock=time.perf_counter) -> dict[str, dict]:
+def _run(model, inputs, specs, decode: int, repeats: int, device, clock=time.perf_counter,
+         deadline: float | None = None) -> dict[str, dict]:
+    """Per spec: medians over ``repeats`` interleaved rounds (round 0 warms up and is dropped) of the prefill,
+    LLM-prefill and decode times, plus the last round's kept counts, KV bytes and CUDA peak memory (total and
+    above what was allocated before the call: weights and inputs). With ``deadline`` (``time.time()``), rounds
+    stop after the first measured one that ends past it; ``rounds`` says how many were kept."""
     samples: dict[str, dict[str, list[float]]] = {s: {"prefill": [], "llm": [], "decode": []} for s in specs}
     stats: dict[str, dict] = {}
+    rounds = 0
     for r in range(repeats + 1):  # round 0 warms up
         for spec in specs:
             handle = attnkit.wrap(model, *([spec] if spec != "baseline" else []))
             try:
                 if device.type == "cuda":
+                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
                 prefill, llm, dec = _timed(model, inputs, 1 + decode, device, clock)
                 peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
                 st = handle.stats()
@@ -74,8 +83,12 @@ def _run(model, inputs, specs, decode: int, repeats: int, device, clock=time.per
                                                if "from_layer" in own else [])
                 stats[spec] = {"visual": (own.get("visual_tokens_kept") or st["visual_tokens"])[0],
                                "stages": [(s["from_layer"], s["visual_tokens_kept"][0]) for s in stages],
-                               "kv": kv, "peak": peak}
-    return {spec: {k: statistics.median(v) for k, v in samples[spec].items()} | stats[spec] for spec in specs}
+                               "kv": kv, "peak": peak, "peak_extra": None if peak is None else peak - before}
+        rounds = r
+        if r and deadline is not None and time.time() > deadline:
+            break
+    return {spec: {k: statistics.median(v) for k, v in samples[spec].items()} | stats[spec] | {"rounds": rounds}
+            for spec in specs}
 
 
 def _timed(model, inputs, new_tokens: int, device, clock) -> tuple[float, float, float]:
@@ -108,7 +121,7 @@ def _timed(model, inputs, new_tokens: int, device, clock) -> tuple[float, float,
 
 def _kv_bytes(model, inputs) -> int:
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
@@ -138,29 +151,45 @@ def mean_length(length: int, n_visual: int, stages: list[tuple[int, int]], layer
     return sum(per_layer) / layers
 
 
-def table(family: str, size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
-    size = SIZES[size_name]
-    model = testing.tiny_model(family, size=size, dtype=dtype).to(device)
-    model.generation_config.eos_token_id = None
-    inputs = _inputs(family, size, device)
-    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    specs = ["baseline"] + [spec for k in KEEPS[1:] for spec in equal_budget_specs(k, n_visual, size.layers)]
-    res = _run(model, inputs, specs, decode, repeats, device, clock)
+def table_lines(res: dict[str, dict], length: int, n_visual: int, layers: int) -> list[str]:
+    """The markdown table of :func:`_run`'s results (baseline first)."""
     base = res["baseline"]
-    length = inputs["input_ids"].shape[1]
-    print(f"\n{family} ({size_name}: hidden {size.hidden}, {size.layers} layers; prompt {length} tokens, "
-          f"{n_visual} visual; {dtype}; median of {repeats})")
-    print("| intervention | visual | prefill ms | LLM prefill ms | decode ms/tok | KV MiB | peak MiB | "
-          "LLM speed-up | ideal | achieved/ideal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| intervention | visual | prefill ms | LLM prefill ms | decode ms/tok | KV MiB | peak MiB "
+             "(over weights) | LLM speed-up | ideal | achieved/ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for spec, r in res.items():
-        kept_len = mean_length(length, n_visual, r["stages"], size.layers)
+        kept_len = mean_length(length, n_visual, r["stages"], layers)
         speed = base["llm"] / r["llm"]
         ideal = length / kept_len
-        peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
-        print(f"| {spec} | {r['visual']} | {r['prefill'] * 1e3:.0f} | {r['llm'] * 1e3:.0f} | "
-              f"{r['decode'] * 1e3:.1f} | {r['kv'] / 2**20:.1f} | {peak} | {speed:.2f} | {ideal:.2f} | "
-              f"{speed / ideal:.2f} |", flush=True)
+        peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.0f} ({r['peak_extra'] / 2**20:.0f})"
+        lines.append(f"| {spec} | {r['visual']} | {r['prefill'] * 1e3:.0f} | {r['llm'] * 1e3:.0f} | "
+                     f"{r['decode'] * 1e3:.1f} | {r['kv'] / 2**20:.1f} | {peak} | {speed:.2f} | {ideal:.2f} | "
+                     f"{speed / ideal:.2f} |")
+    return lines
+
+
+def table(family: str, size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
+    if size_name == "7b":   # the published configs, built on the device (never materialised on the CPU)
+        from benchmarks import gpu_models
+
+        model = gpu_models.build(family, device, dtype)
+        inputs = gpu_models.inputs(family, device)
+        layers = gpu_models.dims(family).layers
+        label = gpu_models.describe(family)
+    else:
+        size = SIZES[size_name]
+        with torch.device(device):
+            model = testing.tiny_model(family, size=size, dtype=dtype)
+        model.generation_config.eos_token_id = None
+        inputs = _inputs(family, size, device)
+        layers = size.layers
+        label = f"{size_name}: hidden {size.hidden}, {size.layers} layers"
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    specs = ["baseline"] + [spec for k in KEEPS[1:] for spec in equal_budget_specs(k, n_visual, layers)]
+    res = _run(model, inputs, specs, decode, repeats, device, clock)
+    length = inputs["input_ids"].shape[1]
+    print(f"\n{family} ({label}; prompt {length} tokens, {n_visual} visual; {dtype}; median of {repeats})")
+    print("\n".join(table_lines(res, length, n_visual, layers)), flush=True)
 
 
 def vte_table(size_name: str, decode: int, repeats: int, device, dtype, clock) -> None:
@@ -171,7 +200,8 @@ def vte_table(size_name: str, decode: int, repeats: int, device, dtype, clock) -
     from attnkit.interventions.vte_calibration import calibrate_exit_layer
 
     size = SIZES["deep" if size_name == "mid" else size_name]
-    model = testing.tiny_model("llava", size=size, dtype=dtype).to(device)
+    with torch.device(device):   # a 7B-size model is never materialised on the CPU
+        model = testing.tiny_model("llava", size=size, dtype=dtype)
     model.generation_config.eos_token_id = None
     inputs = _inputs("llava", size, device)
     processor = testing.tiny_processor("llava", size)
@@ -199,7 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", type=int, default=8, help="decode steps timed per run")
-    parser.add_argument("--families", nargs="+", default=["llava", "qwen2_vl"])
+    parser.add_argument("--families", nargs="+", default=["llava", "qwen2_vl"],
+                        choices=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"))
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
     parser.add_argument("--no-vte", action="store_true", help="skip the vte table (32-layer config)")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
@@ -213,7 +244,8 @@ def main() -> None:
         clock = time.process_time
     print(f"device: {machine()}; torch {torch.__version__}; {args.clock} clock")
     for family in args.families:
-        table(family, args.size, args.decode, args.repeats, device, dtype, clock)
+        bf16 = args.size == "7b" and device.type == "cuda" and family.startswith("qwen")   # the checkpoints' dtype
+        table(family, args.size, args.decode, args.repeats, device, torch.bfloat16 if bf16 else dtype, clock)
     if not args.no_vte:
         vte_table(args.size, args.decode, args.repeats, device, dtype, clock)
 
