@@ -126,6 +126,15 @@ class ModelAdapter:
         """What decoder layer ``layer_idx``'s attention receives for residual stream ``hidden`` (its input norm)."""
         return self.decoder_layers[layer_idx].input_layernorm(hidden)
 
+    def install_token_dropping(self, ctx) -> None:
+        """Called by the token dropper at ``wrap()``: install what the family needs so that per-token side inputs of
+        the language model follow the dropper's plans (``ctx.state.keep_plans``); default: nothing."""
+
+    def layer_output(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer_idx``'s output as the next layer receives it (prefill, current layout); default:
+        unchanged. Called by the token dropper before a stage at layer ``layer_idx + 1`` decides."""
+        return hidden
+
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_token_counts: list[int] | None = None) -> VisualSpans:
         return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)
