@@ -427,15 +427,15 @@ def test_gemma3_var_on_a_sliding_layer_equals_the_reference_from_the_model_masks
 @pytest.mark.parametrize("family", NEW)
 def test_two_branch_methods_generate_or_are_refused_with_the_reason(tiny, family):
     """PAI with its CFG step runs on every new family (cached generate equals the no-cache loop); VCD re-encodes a
-    noised image, which is written for OneVision and refused with the reason elsewhere."""
+    noised image, which is written for OneVision and Qwen3-VL and refused with the reason elsewhere."""
     model, processor = tiny(family)
     inputs = testing.tiny_inputs(processor, batch=2)
-    specs = ["pai"] + (["vcd"] if family == "llava_onevision" else [])
+    specs = ["pai"] + (["vcd"] if family in ("llava_onevision", "qwen3_vl") else [])
     for spec in specs:
         with attnkit.intervene(model, spec):
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
             assert torch.equal(out, testing.greedy_reference(model, inputs, 3, family))
-    if family != "llava_onevision":
+    if family not in ("llava_onevision", "qwen3_vl"):
         with pytest.raises(ValueError, match=f"vcd is not supported on {family} yet: "):
             attnkit.wrap(model, "vcd")
         assert attnkit.handle_of(model) is None

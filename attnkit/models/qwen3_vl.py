@@ -34,9 +34,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
     Qwen2-VL (VisPruner issue #1). The DeepStack levels do not enter the score.
     """
 
-    noised_images_unsupported = ("Qwen3-VL's image features carry DeepStack rows that the noised "
-                                 "re-encoding does not replace yet")
-
     families = {"Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
     @property
