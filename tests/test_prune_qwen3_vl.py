@@ -117,6 +117,24 @@ def test_stage_zero_drop_equals_model_fed_the_kept_tokens_and_their_deepstack_ro
     assert not torch.allclose(got[valid], _gathered(_logits(model, inputs), cols)[valid])
 
 
+def test_several_images_of_different_sizes_per_sample(tiny):
+    """Two images per sample (16, 24 or 32 tokens), left-padded: the budget per image, and still the model fed the
+    kept tokens with exactly their DeepStack rows."""
+    model, processor = tiny(FAMILY)
+    inputs = testing.tiny_inputs(processor, batch=3, n_images=2, image_sizes=[(32, 32), (48, 32), (32, 64)])
+    with attnkit.intervene(model, "cls-prune:keep=0.5,score=received") as handle:
+        pruned = _logits(model, inputs)
+        stats = handle.stats()["cls-prune"]
+    counts = (inputs["image_grid_thw"].prod(-1) // 4).view(3, 2)
+    assert stats["visual_tokens_kept"] == [round(int(a) / 2) + round(int(b) / 2) for a, b in counts.tolist()]
+    assert len(set(stats["visual_tokens"])) > 1
+    for b in range(3):          # samples keep different counts: one reference each (padding removed)
+        pad = int((inputs["attention_mask"][b] == 0).sum())
+        one = _one(inputs, b)
+        ref, cols = testing.reference_on_kept_deepstack(model, one, [[t - pad for t in stats["kept_positions"][b]]])
+        torch.testing.assert_close(pruned[b, cols[0] + pad], ref.logits[0], rtol=1e-4, atol=1e-5)
+
+
 def test_visionzip_equals_an_independent_merge_of_rows_and_deepstack_rows(tiny):
     """Dominant by the independent received scores; contextual targets and members from the tower's pooled keys;
     the main row = the merger on ``unit_t + mean_{j→t} unit_j``; each DeepStack level's row = ``ds_t + mean ds_j``."""
@@ -345,10 +363,12 @@ def _one(inputs, b):
     one = {k: v[b:b + 1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     keep = one["attention_mask"][0].bool()
     one = {k: v[:, keep] for k, v in one.items()}
-    per = inputs["image_grid_thw"].prod(-1).tolist()
-    start = sum(per[:b])
-    one.update(pixel_values=inputs["pixel_values"][start:start + per[b]],
-               image_grid_thw=inputs["image_grid_thw"][b:b + 1])
+    grid = inputs["image_grid_thw"]
+    k = len(grid) // inputs["input_ids"].shape[0]                   # images per sample
+    per = grid.prod(-1).tolist()
+    start = sum(per[:b * k])
+    one.update(pixel_values=inputs["pixel_values"][start:start + sum(per[b * k:(b + 1) * k])],
+               image_grid_thw=grid[b * k:(b + 1) * k])
     return one
 
 
@@ -357,6 +377,17 @@ def _one(inputs, b):
 def test_padded_batch_equals_each_sample_alone(tiny, one_thread, side, spec):
     model, processor = tiny(FAMILY)
     inputs = testing.padded_inputs(processor, 3, side)
+    with attnkit.intervene(model, spec):
+        batched = _logits(model, inputs)
+        for b in range(3):
+            keep = inputs["attention_mask"][b].bool()
+            torch.testing.assert_close(batched[b, keep], _logits(model, _one(inputs, b))[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["visionzip:dominant=4,contextual=3", "sparsevlm:keep=192", "fastv:k=1,keep=0.5"])
+def test_several_images_per_sample_batch_equals_each_sample_alone(tiny, one_thread, spec):
+    model, processor = tiny(FAMILY)
+    inputs = testing.tiny_inputs(processor, batch=3, n_images=2, image_sizes=[(32, 32), (48, 32), (32, 64)])
     with attnkit.intervene(model, spec):
         batched = _logits(model, inputs)
         for b in range(3):
