@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-NEW_FAMILIES = ("qwen3_vl", "llava_onevision", "internvl", "gemma3")   # no token pruning yet
+NEW_FAMILIES = ("qwen3_vl", "llava_onevision", "internvl", "gemma3")   # pruning tests: tests/test_prune_<family>.py
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>",
@@ -687,3 +687,90 @@ def gemma3_reference_on_kept(model, inputs, stages: list[tuple[int, list[list[in
                           past_key_values=None)
             out[b, cols] = model.lm_head(lm.norm(h))[0].float()
     return out
+
+
+
+# --- qwen3_vl references ---
+def deepstack_feature_rows(model, inputs) -> list[list[torch.Tensor]]:
+    """Qwen3-VL: per DeepStack level, each sample's rows ([n_b, D], prompt order), from the model's own
+    ``get_image_features``."""
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    return [list(torch.cat(level).split(counts)) for level in feats.deepstack_features]
+
+
+def reference_on_kept_deepstack(model, inputs, kept_positions: list[list[int]],
+                                rows: list[dict[int, torch.Tensor]] | None = None,
+                                deepstack: list[list[dict[int, torch.Tensor]]] | None = None, **forward_kw):
+    """:func:`reference_on_kept` for Qwen3-VL: the UNWRAPPED model fed only the kept visual tokens, each with its
+    row AND its own DeepStack rows (one per level; nothing of a dropped token), at the ORIGINAL 3-D positions.
+    ``rows[b]`` as there; ``deepstack[level][b]`` maps a kept position to the DeepStack row of that level fed
+    there instead of its own (merged tokens). Returns the model output and the kept columns [B, Lk]."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    image_id = model.config.image_token_id
+    per_sample = image_feature_rows(model, inputs)
+    levels = deepstack_feature_rows(model, inputs)
+    cols, feed, stack = [], [], [[] for _ in levels]
+    for b in range(ids.shape[0]):
+        visual = (ids[b] == image_id).nonzero().squeeze(1).tolist()
+        kept = kept_positions[b]
+        cols.append(torch.tensor([(t not in visual) or (t in kept) for t in range(ids.shape[1])]).nonzero().squeeze(1))
+        idx = torch.tensor([visual.index(t) for t in kept], dtype=torch.long)
+        sample_rows = per_sample[b][idx].clone()
+        for i, t in enumerate(kept):
+            if rows is not None and t in rows[b]:
+                sample_rows[i] = rows[b][t].to(sample_rows)
+        feed.append(sample_rows)
+        for level, level_rows in enumerate(levels):
+            r = level_rows[b][idx].clone()
+            for i, t in enumerate(kept):
+                if deepstack is not None and t in deepstack[level][b]:
+                    r[i] = deepstack[level][b][t].to(r)
+            stack[level].append(r)
+    cols = torch.stack(cols)
+    positions = original_positions(model, inputs)
+    pos = torch.gather(positions, -1, cols.expand(*positions.shape[:-1], -1))
+    encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=feed, deepstack_features=stack)
+    new = dict(input_ids=torch.gather(ids, 1, cols), attention_mask=torch.gather(am, 1, cols), position_ids=pos,
+               mm_encoder_outputs={"image": encoded})
+    with torch.no_grad():
+        return model(**new, **forward_kw), cols
+
+
+def replace_deepstack(rows: dict[int, list[dict[int, torch.Tensor]]]):
+    """A reference intervention for Qwen3-VL: the DeepStack add of level l (after decoder layer l) adds
+    ``rows[l][b][t]`` at prompt position t of sample b instead of that token's own row (prefill; nothing else
+    changes). With :func:`mask_keys` and :func:`replace_rows` this is what merging at a layer K <= l means."""
+    import dataclasses
+
+    from attnkit.interventions.base import Intervention
+
+    @dataclasses.dataclass
+    class ReplaceDeepstack(Intervention):
+        name = "reference-replace-deepstack"
+
+        def attach(self, ctx):
+            lm = ctx.adapter.language_model
+            original, calls = lm._deepstack_process, [0]
+
+            def reset(module, args, kwargs):
+                calls[0] = 0
+
+            def process(hidden, mask, embeds):
+                level, calls[0] = calls[0], calls[0] + 1
+                if ctx.state.step != 0 or level not in rows:
+                    return original(hidden, mask, embeds)
+                embeds = embeds.clone()
+                slot = mask.long().flatten().cumsum(0).view(mask.shape) - 1     # row of each visual position
+                for b, sample_rows in enumerate(rows[level]):
+                    for t, r in sample_rows.items():
+                        embeds[slot[b, t]] = r.to(embeds)
+                return original(hidden, mask, embeds)
+
+            ctx.installed.forward_pre_hook(lm, reset, with_kwargs=True)
+            ctx.installed.set_attr(lm, "_deepstack_process", process)
+
+    return ReplaceDeepstack()

@@ -36,6 +36,7 @@ class Decision:
 
     keep: torch.Tensor
     rows: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    weights: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None   # per sample: see KeepPlan
 
 
 @dataclass
@@ -49,6 +50,8 @@ class KeepPlan:
     visual_before: list[int]
     visual_after: list[int]
     merged: list[int] = field(default_factory=list)   # per sample: kept tokens whose rows were replaced
+    # per sample: (merged positions [m], member positions [n], weights [m, n]) blocks, where the pruner gave them
+    sources: list = field(default_factory=list)
 
     @classmethod
     def from_keep(cls, keep: torch.Tensor, visual: torch.Tensor, from_layer: int,
@@ -136,6 +139,7 @@ class Dropper:
         if compact_positions and candidates != (0,):
             raise ValueError("compact positions are only defined when dropping before the LLM (layer 0)")
         self.ctx, self.candidates, self.decide, self.compact = ctx, candidates, decide, compact_positions
+        ctx.adapter.install_token_dropping(ctx)
         self._shift: torch.Tensor | None = None   # original - compact position of each sample (compact mode)
         self.lm = ctx.adapter.language_model
         self._layer_kwargs: dict[int, dict] = {}   # per plan (by from_layer): kwargs for its layers
@@ -183,6 +187,7 @@ class Dropper:
         """Gather ``hidden`` (the current layout) to the new plan's kept rows and write the replacement rows."""
         previous = self.plan
         plan = self._new_plan(decision, from_layer)
+        plan.sources = decision.weights or []
         if previous is None:
             kept = plan.gather(hidden, 1)
         else:
@@ -309,10 +314,9 @@ class Dropper:
         current = self.plan.index.shape[1] if self.plan is not None else state.spans.length
         if hidden.shape[1] != current or (self.plan is not None and self.plan.from_layer >= layer):
             return None
+        hidden = self.ctx.adapter.layer_output(layer - 1, hidden)
         decision = self.decide(layer, hidden)
-        if decision is None:
-            return None
-        kept = self._apply(decision, layer, hidden)
+        kept = hidden if decision is None else self._apply(decision, layer, hidden)
         return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
     def _layer_pre(self, layer_idx, module, args, kwargs):

@@ -38,6 +38,9 @@ class Selection:
 
     keep: torch.Tensor
     rows: torch.Tensor | None = None
+    # [m, n]: merged row i = Σ_j weights[i, j]·(the view's token j), where the pruner says so; the dropper merges
+    # per-token side inputs of the LLM alike (Qwen3-VL's DeepStack rows)
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -241,6 +244,7 @@ class Pruner(Intervention):
         keep = torch.zeros_like(spans.visual)
         keep[~spans.visual] = True
         rows: list = [None] * spans.batch_size
+        weights: list = [[] for _ in range(spans.batch_size)]
         for view, always in views:
             chosen = self.select(view)
             if chosen is None:
@@ -255,7 +259,10 @@ class Pruner(Intervention):
                 old = rows[view.sample]
                 rows[view.sample] = (pos, chosen.rows) if old is None else \
                     (torch.cat([old[0], pos]), torch.cat([old[1], chosen.rows.to(old[1])]))
-        return Decision(keep, rows if any(r is not None for r in rows) else None)
+                if chosen.weights is not None:
+                    weights[view.sample].append((pos, view.positions, chosen.weights))
+        return Decision(keep, rows if any(r is not None for r in rows) else None,
+                        weights if any(weights) else None)
 
     def _image_views(self, spans, embeds: torch.Tensor) -> list[tuple[ImageView, torch.Tensor]]:
         images = [(b, pos) for b in range(spans.batch_size) for pos in spans.images(b)]

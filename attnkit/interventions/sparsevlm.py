@@ -35,6 +35,7 @@ class SparseVLM(Pruner):
     - Layers scale with depth (``round(ℓ·n/32)``). Departures: kept and recycled tokens keep their ORIGINAL
       positions (v1.5 renumbers them); the clustering's 1e-6 random tie-break is left out (deterministic);
       batches of any size (the code runs batch 1).
+    - Qwen3-VL: a recycled token's DeepStack rows of the levels still to be added are its cluster's mean too.
     """
 
     name = "sparsevlm"
@@ -99,12 +100,16 @@ class SparseVLM(Pruner):
         dropped[kept] = False
         dropped = dropped.nonzero().squeeze(1)
         best = dropped[torch.topk(score[dropped], len(dropped) * 3 // 10 + 1).indices]
-        centres, rows = recycle(view.hidden[best.to(view.hidden.device)].float(), len(best) // 10 + 1)
-        return Selection(torch.cat([kept, best[centres]]), rows.to(view.hidden))
+        centres, rows, w = recycle(view.hidden[best.to(view.hidden.device)].float(), len(best) // 10 + 1,
+                                   with_weights=True)
+        weights = torch.zeros(len(centres), view.n)
+        weights[:, best] = w
+        return Selection(torch.cat([kept, best[centres]]), rows.to(view.hidden), weights)
 
 
-def recycle(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN clustering of the rows ``x`` [n, D] into ``clusters``: centre indices [c] and each cluster's mean."""
+def recycle(x: torch.Tensor, clusters: int, with_weights: bool = False):
+    """DPC-kNN clustering of the rows ``x`` [n, D] into ``clusters``: centre indices [c] and each cluster's mean;
+    ``with_weights`` adds the means as weights [c, n] (1/|cluster| on its members)."""
     n = x.shape[0]
     c = min(clusters, n)
     dist = torch.cdist(x[None], x[None])[0] / x.shape[1] ** 0.5
@@ -117,4 +122,8 @@ def recycle(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]
     assign[centres] = torch.arange(c, device=x.device)
     sums = torch.zeros(c, x.shape[1], device=x.device).index_add_(0, assign, x)
     counts = torch.bincount(assign, minlength=c).clamp(min=1)[:, None].to(x)
-    return centres.cpu(), sums / counts
+    if not with_weights:
+        return centres.cpu(), sums / counts
+    weights = torch.zeros(c, n)
+    weights[assign.cpu(), torch.arange(n)] = 1.0 / counts[assign, 0].float().cpu()
+    return centres.cpu(), sums / counts, weights

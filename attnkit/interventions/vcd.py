@@ -59,7 +59,8 @@ class VCD(Intervention):
     fixed version, c637c85; the first release reused the clean cache after step 1). Differences: the
     released code patches only sampling (greedy and beam search silently skip VCD); here ``cd`` replaces the
     logits for every decoding method. Cost: the vision tower twice and two forwards per step, two KV caches.
-    Identity: ``alpha=0`` with ``beta`` below every token's probability ratio.
+    Identity: ``alpha=0`` with ``beta`` below every token's probability ratio. Qwen3-VL: the noised branch gets
+    the noised image's DeepStack rows too (its own encoding's ``deepstack_features``).
     """
 
     name = "vcd"
@@ -72,6 +73,8 @@ class VCD(Intervention):
         super().__post_init__()
         self._noised: list[torch.Tensor] | None = None
         self._stacked = False
+        self._noised_deepstack: list[list[torch.Tensor]] | None = None   # per level, per image (Qwen3-VL)
+        self._encoded_type = BaseModelOutputWithPooling
         self._branch = None
 
     def attach(self, ctx) -> None:
@@ -93,9 +96,12 @@ class VCD(Intervention):
                 units = None if grid is None or pixels.dim() != 2 else grid.prod(-1).tolist()
                 noised = diffusion_noise(pixels, self.noise_step, self.seed, units)
                 extra = call.pop("kwargs", {}) if "kwargs" in params else {}
-                features = original(noised, **call, **extra).pooler_output
+                encoded = original(noised, **call, **extra)
+                features = encoded.pooler_output
                 self._stacked = isinstance(features, torch.Tensor)   # Gemma 3: one [images, tokens, D] tensor
-                self._noised = list(features)
+                self._noised, self._encoded_type = list(features), type(encoded)
+                deepstack = getattr(encoded, "deepstack_features", None)   # Qwen3-VL: the noised image's own
+                self._noised_deepstack = None if deepstack is None else [list(level) for level in deepstack]
             return out
 
         ctx.installed.set_attr(base, "get_image_features", get_image_features)
@@ -116,14 +122,17 @@ class VCD(Intervention):
     def _inputs(self, call: dict, state, branch, prefill: bool) -> BranchInputs:
         kw = {k: v for k, v in call.items() if k not in ("past_key_values", "pixel_values", "mm_encoder_outputs")}
         if prefill:
-            features = self._expanded(state)
-            features = torch.stack(features) if self._stacked else features
-            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+            order = self._expanded(state)
+            features = [self._noised[i] for i in order]
+            fields = {"pooler_output": torch.stack(features) if self._stacked else features}
+            if self._noised_deepstack is not None:
+                fields["deepstack_features"] = [[level[i] for i in order] for level in self._noised_deepstack]
+            kw["mm_encoder_outputs"] = {"image": self._encoded_type(**fields)}
         return BranchInputs(kw, same_layout=True)
 
-    def _expanded(self, state) -> list[torch.Tensor]:
-        """The noised features of the last encoded images (kept: generate without a cache encodes once for
-        every step), per prompt row: generate repeats each sample's group for beams / return sequences."""
+    def _expanded(self, state) -> list[int]:
+        """Which of the last encoded images (kept: generate without a cache encodes once for every step) feed the
+        noised branch, in prompt-row order: generate repeats each sample's group for beams / return sequences."""
         images, rows = self._noised, state.spans.visual.sum(1).tolist()
         total = sum(len(f) for f in images or [])
         if not images or sum(rows) % total:
@@ -133,7 +142,7 @@ class VCD(Intervention):
         for s in range(len(rows) // k):
             group, need = [], rows[s * k]
             while need > 0:
-                group.append(images[i])
+                group.append(i)
                 need, i = need - len(images[i]), i + 1
             out += group * k
         return out

@@ -35,7 +35,8 @@ class VisionZip(Pruner):
     image's remaining tokens; the released code instead runs VisionZip on each 336² crop (D + C per crop,
     merging within the crop, no unpadding) and only places the contextual tokens together at the end.
     Qwen-VL: keys are taken before the rotary embedding and pooled over the merge unit; merging acts
-    on the merger's input units.
+    on the merger's input units. Qwen3-VL: a contextual token's DeepStack rows are ``ds_t + mean_{j→t} ds_j``
+    of each level's rows (the same weights, :attr:`Selection.weights`).
     """
 
     name = "visionzip"
@@ -61,13 +62,16 @@ class VisionZip(Pruner):
         c = 0 if self.contextual == 0 else min(count(self.contextual, view.n, "contextual", what), len(rest))
         if c == 0:
             return Selection(dominant)
-        targets, merged = contextual_tokens(view.keys[rest].float(), view.features[rest], c)
-        return Selection(torch.cat([dominant, rest[targets]]), view.project(merged).to(view.embeds))
+        targets, merged, w = contextual_tokens(view.keys[rest].float(), view.features[rest], c, with_weights=True)
+        weights = torch.zeros(c, view.n)
+        weights[:, rest] = w
+        return Selection(torch.cat([dominant, rest[targets]]), view.project(merged).to(view.embeds), weights)
 
 
-def contextual_tokens(keys: torch.Tensor, features: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def contextual_tokens(keys: torch.Tensor, features: torch.Tensor, c: int, with_weights: bool = False):
     """VisionZip's merge of M remaining tokens into ``c``: returns the target indices [c] and the merged rows
-    ``X_t + mean_{j→t} X_j`` [c, ...] (in float32); members are assigned by cosine similarity of ``keys``."""
+    ``X_t + mean_{j→t} X_j`` [c, ...] (in float32); members are assigned by cosine similarity of ``keys``.
+    ``with_weights`` adds the merge as weights [c, M] (1 on the target, 1/|members| on each member)."""
     m = keys.shape[0]
     step = max(1, m // c)
     targets = torch.arange(0, m, step)[:c]
@@ -80,4 +84,10 @@ def contextual_tokens(keys: torch.Tensor, features: torch.Tensor, c: int) -> tup
     sums = torch.zeros(c, flat.shape[1]).index_add_(0, assign, flat[members].cpu())
     counts = torch.bincount(assign, minlength=c).clamp(min=1)[:, None]
     merged = flat[targets].cpu() + sums / counts
-    return targets, merged.view(c, *features.shape[1:]).to(features.device)
+    merged = merged.view(c, *features.shape[1:]).to(features.device)
+    if not with_weights:
+        return targets, merged
+    weights = torch.zeros(c, m)
+    weights[torch.arange(c), targets] = 1.0
+    weights[assign, members] = 1.0 / counts[assign, 0].float()
+    return targets, merged, weights

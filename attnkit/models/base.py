@@ -17,7 +17,7 @@ class ModelAdapter:
     """
 
     families: dict[str, str] = {}
-    # False: the family's token pruning is not written yet; the token dropper (cls-prune, fastv, vte) refuses it
+    # False: the family's token pruning is not written yet; the token dropper (every pruner) refuses it at wrap()
     supports_token_dropping: bool = True
     # None, or why a second image encoding cannot stand in for the first (vcd re-encodes a noised image)
     noised_images_unsupported: str | None = None
@@ -127,6 +127,15 @@ class ModelAdapter:
         """What decoder layer ``layer_idx``'s attention receives for residual stream ``hidden`` (its input norm)."""
         return self.decoder_layers[layer_idx].input_layernorm(hidden)
 
+    def install_token_dropping(self, ctx) -> None:
+        """Called by the token dropper at ``wrap()``: install what the family needs so that per-token side inputs of
+        the language model follow the dropper's plans (``ctx.state.keep_plans``); default: nothing."""
+
+    def layer_output(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer_idx``'s output as the next layer receives it (prefill, current layout); default:
+        unchanged. Called by the token dropper before a stage at layer ``layer_idx + 1`` decides."""
+        return hidden
+
     def visual_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      image_token_counts: list[int] | None = None) -> VisualSpans:
         return VisualSpans.from_input_ids(input_ids, self.image_token_id, attention_mask, image_token_counts)
@@ -168,17 +177,6 @@ def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float
         p = torch.softmax((query[..., rows, :] @ key.transpose(-1, -2)).float() * scale, dim=-1).sum(-2)
         total = p if total is None else total + p
     return total / query.shape[-2]
-
-
-class PruningComing:
-    """Mixin for the families whose token pruning waits for the general vision capture: the pruners
-    (``cls-prune``, ``fastv``, ``vte``) are refused at ``wrap()``, everything else works."""
-
-    supports_token_dropping = False
-    vision_scores: tuple[str, ...] = ("received",)
-
-    def install_vision_capture(self, installed, wants: frozenset[str], sink) -> None:
-        raise ValueError(f"token pruning (vision scores, dropping visual tokens) is not yet supported on {self.family}")
 
 
 # model classes attnkit knows and refuses, with the reason (a wrong result would be worse than none)
