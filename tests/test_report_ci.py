@@ -69,7 +69,7 @@ def test_summary_has_intervals_and_the_report_marks_only_significant_differences
     assert "| –" in rows["| **baseline**"]
     assert "±0 [0.000, 0.000] |" in rows["| same:x=1"] and "*" not in rows["| same:x=1"]
     low, high = wrong["paired"]["f1"]
-    assert f"[{report._num(low)}, {report._num(high)}] ▼*" in rows["| half-wrong:x=1"]
+    assert high < 0 and f"[−{report._num(-low)}, −{report._num(-high)}] ▼*" in rows["| half-wrong:x=1"]
     assert "| 11 [10–12] | 22 [20–24] |" in rows["| same:x=1"]                 # median [p10–p90]
     assert "| prefill kFLOPs ↓ | KV cache MB ↓ | peak mem MB ↓ |" in rows["| config"]
     kflops = report._num(costs.prefill_flops([5, 3], DIMS) / 1e3)

@@ -62,7 +62,12 @@ def _cell(value, base, higher_better, is_base: bool) -> str:
 
 
 def _interval(ci: Sequence[float] | None) -> str:
-    return "" if not ci else f" [{_num(ci[0])}, {_num(ci[1])}]"
+    return "" if not ci else f" [{_minus(ci[0])}, {_minus(ci[1])}]"
+
+
+def _minus(v: float) -> str:
+    """A number with a typographic minus, as the changes are written."""
+    return ("−" + _num(-v)) if v < 0 else _num(v)
 
 
 def metric_cell(result: Mapping[str, Any], metric: str) -> str:
