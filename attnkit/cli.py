@@ -22,8 +22,8 @@ from pathlib import Path
 # trade-off on the clean demo POPE (a budget sweep where accuracy falls: benchmarks/RESULTS.md, "Pruning accuracy on
 # the shipped demo"), and one hallucination comparison on the prone split. Configs that do not build from the
 # registry are skipped with a note.
-DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "cls-prune:keep=12", "visionzip:dominant=10,contextual=2",
-                "fastv:k=2,keep=12")
+DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "cls-prune:keep=24", "cls-prune:keep=12",
+                "visionzip:dominant=10,contextual=2", "fastv:k=2,keep=12")
 DEMO_HALLUCINATION = "pai"     # the best hallucination method on the prone split so far (with its CFG step)
 DEMO_PRONE_COMPARE = ("baseline", DEMO_HALLUCINATION)
 DEMO_BENCH = "pope"

@@ -160,7 +160,7 @@ def legend(summary: Mapping[str, Any]) -> str:
              "prefill ms and decode ms/tok: median over samples [p10–p90]; prefill FLOPs (LLM, 2 per multiply-add, "
              "full-square attention, gated MLP; attnkit/eval/costs.py) and KV cache after generation: means per "
              "sample from the tokens each decoder layer processed, with the change vs the baseline; peak memory: "
-             f"{summary.get('memory', 'n/a')}, n/a where not measured (CPU).")
+             f"{summary.get('memory') or 'not measured'}.")
     return text
 
 
