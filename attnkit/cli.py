@@ -1,6 +1,6 @@
 """The ``attnkit`` command line: argument parsing only; the work is in ``attnkit.api`` and ``attnkit.eval``.
 
-    attnkit eval                                   # the embedded demo: small model + synthetic POPE
+    attnkit eval                                   # the embedded demo: pruning trade-off + a hallucination method
     attnkit eval --model PATH --bench pope --data DIR --compare baseline "cls-prune:keep=64" "var"
     attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
     attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/

@@ -285,6 +285,7 @@ def text_box(annotation, renderer):
     """The display-space box of an annotation's text alone (``get_window_extent`` adds its arrow)."""
     from matplotlib.text import Text
 
+    annotation.update_positions(renderer)           # its text's place after a set_position()
     return Text.get_window_extent(annotation, renderer)
 
 
