@@ -1,6 +1,6 @@
 """The ``attnkit`` command line: argument parsing only; the work is in ``attnkit.api`` and ``attnkit.eval``.
 
-    attnkit eval                                   # the embedded demo: small model + synthetic POPE
+    attnkit eval                                   # the embedded demo: pruning trade-off + a hallucination method
     attnkit eval --model PATH --bench pope --data DIR --compare baseline "cls-prune:keep=64" "var"
     attnkit ablate --model PATH --bench pope --data DIR --sweep "cls-prune:keep=32,64,128"
     attnkit inspect --model PATH --image cat.png --prompt "Is there a cat?" --out maps/
@@ -15,15 +15,23 @@ import argparse
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
-# What `attnkit eval` with no --model/--data compares (edit freely; the demo model has 144 visual tokens, and
-# `var` needs sink_dims for it); configs that do not build from the registry are skipped with a note.
-DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "fastv:k=2,keep=36", "pai")
+# What `attnkit eval` with no --model/--data runs (edit freely; the demo model has 144 visual tokens): the pruning
+# trade-off on the clean demo POPE (a budget sweep where accuracy falls: benchmarks/RESULTS.md, "Pruning accuracy on
+# the shipped demo"), and one hallucination comparison on the prone split. Configs that do not build from the
+# registry are skipped with a note.
+DEMO_COMPARE = ("baseline", "cls-prune:keep=36", "cls-prune:keep=24", "cls-prune:keep=12",
+                "visionzip:dominant=10,contextual=2", "fastv:k=2,keep=12")
+DEMO_HALLUCINATION = "pai"     # the best hallucination method on the prone split so far (with its CFG step)
+DEMO_PRONE_COMPARE = ("baseline", DEMO_HALLUCINATION)
 DEMO_BENCH = "pope"
-DEMO_LIMIT = 6           # per POPE split: 18 questions per config
+DEMO_LIMIT = 20          # per POPE split: 60 questions per config and data set
 DEMO_BENCH_OPTIONS = {"prompt_suffix": ""}      # the demo model was trained on the bare questions
-DEMO_MAX_NEW_TOKENS = 4                         # yes/no answers; keeps the demo under 2 min on 2 busy CPU cores
+DEMO_MAX_NEW_TOKENS = 4                         # yes/no answers
+DEMO_TITLES = {"clean": "Pruning: accuracy vs visual tokens (clean demo POPE)",
+               "prone": "Hallucination: baseline vs {method} (prone demo POPE: weak evidence, co-occurrence priors)"}
 DEFAULT_OUT = "attnkit_runs"
 
 
@@ -123,12 +131,13 @@ def _demo(kind: str = "clean"):
     return model, data
 
 
-def demo_configs() -> list[str]:
-    """:data:`DEMO_COMPARE` restricted to configs that build (their interventions are registered)."""
+def demo_configs(compare: tuple[str, ...] | None = None) -> list[str]:
+    """``compare`` (default :data:`DEMO_COMPARE`) restricted to configs that build (their interventions are
+    registered)."""
     from attnkit.eval.runner import canonical
 
     out = []
-    for config in DEMO_COMPARE:
+    for config in DEMO_COMPARE if compare is None else compare:
         try:
             canonical(config)
         except (ValueError, TypeError) as e:
@@ -188,7 +197,7 @@ def _benchmark(args: argparse.Namespace, data: Path, defaults: dict | None = Non
     return get_benchmark(args.bench, data, splits=splits, limit=args.limit, **options)
 
 
-def _run(args: argparse.Namespace, configs: list[str]) -> int:
+def _run(args: argparse.Namespace, configs: list[str] | None) -> int:
     from attnkit.eval import report, runner
 
     if (args.model is None) != (args.data is None):
@@ -196,52 +205,106 @@ def _run(args: argparse.Namespace, configs: list[str]) -> int:
     if args.model is not None and getattr(args, "demo", None):
         raise UsageError(f"--demo {args.demo} selects the embedded demo's data; it cannot be combined with "
                          "--model/--data")
+    started = time.perf_counter()
     if args.model is None:
-        model, data = _demo(getattr(args, "demo", None) or "clean")
-        args.bench = DEMO_BENCH
-        if args.limit is None:
-            args.limit = DEMO_LIMIT
-        if args.max_new_tokens is None:
-            args.max_new_tokens = DEMO_MAX_NEW_TOKENS
-        print(f"attnkit: no --model/--data: running the embedded demo ({model.name} on synthetic POPE, "
-              f"{data.name}, {args.limit} questions per split)", file=sys.stderr)
+        model, parts = _demo_parts(args, configs)
     else:
         model, data = Path(args.model), Path(args.data)
         if not data.is_dir():
             raise UsageError(f"--data {str(data)!r} is not a directory")
-    if configs is None:
-        configs = demo_configs() if args.model is None else ["baseline"]
-    if "baseline" not in configs:
-        configs = ["baseline", *configs]
-    bench = _benchmark(args, data, DEMO_BENCH_OPTIONS if args.model is None else None)
-    demo_kind = getattr(args, "demo", None) if args.model is None else None
-    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / (bench.name + (f"_{demo_kind}" if demo_kind == "prone"
-                                                                              else ""))
+        bench = _benchmark(args, data)
+        parts = [(None, bench, configs or ["baseline"], Path(args.out) if args.out else Path(DEFAULT_OUT) / bench.name)]
     settings = runner.RunSettings(str(model), max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype,
                                   quantization=args.quant)
-    results = runner.evaluate(bench, configs, out, settings, device_map=_device_map(args.device),
-                              retry_errors=args.retry_errors, progress=not args.no_progress,
-                              batch_size=args.batch_size)
-    if not results:                       # a non-zero rank of a data-parallel run
-        return 0
+    device_map = _device_map(args.device)
+    loaded: dict = {}
+    if len(parts) > 1:                    # one model load for every part of the default run
+        from attnkit.eval.loading import load_model_and_processor
+
+        loaded["model"], loaded["processor"] = load_model_and_processor(model, dtype=args.dtype, device_map=device_map,
+                                                                        quantization=args.quant)
+    done = []
+    for title, bench, part_configs, out in parts:
+        if "baseline" not in part_configs:
+            part_configs = ["baseline", *part_configs]
+        results = runner.evaluate(bench, part_configs, out, settings, device_map=device_map,
+                                  retry_errors=args.retry_errors, progress=not args.no_progress,
+                                  batch_size=args.batch_size, **loaded)
+        if not results:                   # a non-zero rank of a data-parallel run
+            return 0
+        done.append((title, out, results))
     plots = not args.no_plots
     if plots and not report.plots_available():
         print(f"attnkit: {report.PLOTS_NOTE}", file=sys.stderr)
         plots = False
-    text = report.write_report(out, plots=plots)
-    print(text.split("\n![", 1)[0].rstrip())
-    print(f"\nrows, summary.json and report.md in {out}/")
-    for r in results:
+    texts = [(title, out, report.write_report(out, plots=plots)) for title, out, _ in done]
+    if len(texts) == 1:
+        print(texts[0][2].split("\n![", 1)[0].rstrip())
+        print(f"\nrows, summary.json and report.md in {texts[0][1]}/")
+    else:
+        _print_demo(texts, plots, time.perf_counter() - started)
+    all_results = [r for _, _, results in done for r in results]
+    for r in all_results:
         if r.n_errors:
             print(f"attnkit: warning: {r.config}: {r.n_errors} of {r.n + r.n_errors} sample(s) failed (error rows in "
                   f"{Path(r.path).name}), e.g. {r.errors[0]['error']}; fix the cause and rerun with --retry-errors "
                   "to redo them", file=sys.stderr)
-    dead = [r.config for r in results if r.n == 0]
+    dead = [r.config for r in all_results if r.n == 0]
     if dead:
         print(f"attnkit: error: every sample failed for {', '.join(dead)}; no metric for "
               f"{'it' if len(dead) == 1 else 'them'} (see the warnings above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _demo_parts(args: argparse.Namespace, configs: list[str] | None) -> tuple[Path, list[tuple]]:
+    """The embedded demo's runs: ``(model path, [(title, bench, configs, out folder), ...])``. Without ``--demo``
+    and ``--compare``/``--sweep``: the pruning trade-off on the clean split and the hallucination comparison on the
+    prone one, in ``<out>/pope`` and ``<out>/pope_prone``; with ``--demo KIND`` (or configs) one data set."""
+    kind = getattr(args, "demo", None)
+    kinds = ["clean", "prone"] if kind is None and configs is None else [kind or "clean"]
+    args.bench = DEMO_BENCH
+    if args.limit is None:
+        args.limit = DEMO_LIMIT
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEMO_MAX_NEW_TOKENS
+    parts = []
+    for k in kinds:
+        model, data = _demo(k)
+        bench = _benchmark(args, data, DEMO_BENCH_OPTIONS)
+        folder = bench.name + ("_prone" if k == "prone" else "")
+        if len(kinds) > 1:
+            out = Path(args.out or DEFAULT_OUT) / folder
+        else:
+            out = Path(args.out) if args.out else Path(DEFAULT_OUT) / folder
+        chosen = configs if configs is not None else demo_configs(DEMO_PRONE_COMPARE if k == "prone" else None)
+        parts.append((DEMO_TITLES[k].format(method=DEMO_HALLUCINATION), bench, chosen, out))
+    print(f"attnkit: no --model/--data: running the embedded demo ({model.name} on synthetic POPE: "
+          f"{' and '.join(kinds)} split{'s' if len(kinds) > 1 else ''}, {args.limit} questions per POPE split)",
+          file=sys.stderr)
+    return model, parts
+
+
+def _print_demo(texts: list[tuple[str, Path, str]], plots: bool, seconds: float) -> None:
+    """The default run's output: one short table per part (the full reports are on disk), one legend, the files."""
+    import json
+
+    from attnkit.eval import report
+
+    legend = ""
+    for title, out, _ in texts:
+        summary = json.loads((out / "summary.json").read_text())
+        n = max((r["n"] + r["n_errors"] for r in summary["results"]), default=0)
+        print(f"## {title}, {n} questions\n")
+        print("\n".join(report.trade_off_table(summary)) + "\n")
+        legend = report.legend(summary)
+    print(legend + "\n")
+    for _, out, _ in texts:
+        pngs = sorted(p.name for p in out.glob("*.png")) if plots else []
+        print(f"report: {out / 'report.md'}" + (f" (plots: {', '.join(pngs)})" if pngs else "")
+              + "; rows and summary.json beside it")
+    print(f"took {seconds:.0f} s; rerunning resumes (nothing to redo). Your own model: attnkit eval --model PATH "
+          "--bench pope --data DIR --compare baseline \"cls-prune:keep=64\"")
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -350,10 +413,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local model folder (default with --data unset: the embedded demo model)")
     p.add_argument("--bench", default="pope", help="benchmark name (see `attnkit list`; default pope)")
     p.add_argument("--data", help="benchmark data folder (published format)")
-    p.add_argument("--demo", choices=["clean", "prone"], help="without --model/--data: the embedded demo's data set "
-                   "(clean, default; prone: weak, ambiguous evidence where the model's co-occurrence prior decides)")
-    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>, <bench>_prone for --demo prone); "
-                   "rerunning resumes")
+    p.add_argument("--demo", choices=["clean", "prone"], help="without --model/--data: only this data set of the "
+                   "embedded demo (clean; prone: weak, ambiguous evidence where the model's co-occurrence prior "
+                   "decides). Default: both, the pruning trade-off on clean and the hallucination comparison on prone")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/<bench>, <bench>_prone for --demo prone; the "
+                   "default demo run writes <out>/pope and <out>/pope_prone, <out> defaulting to "
+                   f"{DEFAULT_OUT}); rerunning resumes")
     p.add_argument("--limit", type=_positive_int, help="first N samples of each split")
     p.add_argument("--splits", help="comma-separated splits (default: all found)")
     p.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",

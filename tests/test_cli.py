@@ -236,18 +236,38 @@ def test_calibrate_dispatches_or_names_what_can_be_calibrated(models, tmp_path, 
 
 
 def test_default_eval_runs_the_embedded_demo(models, tmp_path, capsys, monkeypatch):
+    """No arguments: the pruning configs on the clean split and the hallucination comparison on the prone one, one
+    model load, two short tables with intervals, one legend, where the reports are, the time it took."""
+    from attnkit.eval import loading
+
     demo = types.ModuleType("attnkit.synth.demo")
     demo.demo_model_path = lambda: models["llava"]
     demo.demo_data_path = lambda kind="clean": DATA / "pope"
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
     monkeypatch.setattr(cli, "DEMO_LIMIT", 1)
     monkeypatch.setattr(cli, "DEMO_COMPARE", ("baseline", "record:layers=0", "not-registered:keep=3"))
+    monkeypatch.setattr(cli, "DEMO_PRONE_COMPARE", ("baseline", "record:layers=1"))
+    loads = []
+    real_load = loading.load_model_and_processor
+    monkeypatch.setattr(loading, "load_model_and_processor", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     assert cli.main(["eval", "--out", str(tmp_path), *FAST]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["bench"] == "pope"
-    assert [r["config"] for r in summary["results"]] == ["baseline", "record:layers=0"]
-    assert sum(r["n"] + r["n_errors"] for r in summary["results"]) == 6       # 1 per split, 2 configs
-    assert "| **baseline** |" in capsys.readouterr().out
+    assert len(loads) == 1
+    clean = json.loads((tmp_path / "pope" / "summary.json").read_text())
+    prone = json.loads((tmp_path / "pope_prone" / "summary.json").read_text())
+    assert clean["bench"] == prone["bench"] == "pope"
+    assert [r["config"] for r in clean["results"]] == ["baseline", "record:layers=0"]
+    assert [r["config"] for r in prone["results"]] == ["baseline", "record:layers=1"]
+    assert sum(r["n"] + r["n_errors"] for r in clean["results"]) == 6       # 1 per split, 2 configs
+    assert "f1" in clean["results"][0]["ci"] and "f1" in clean["results"][1]["paired"]
+    out = capsys.readouterr().out
+    assert out.count("| **baseline** |") == 2 and out.count("| config | n | errors | f1 ↑ | Δ f1 vs baseline |") == 2
+    assert "## Pruning: accuracy vs visual tokens (clean demo POPE), 3 questions" in out
+    assert "## Hallucination: baseline vs pai (prone demo POPE" in out
+    assert out.count("percentile bootstrap interval") == 1
+    for folder in ("pope", "pope_prone"):
+        assert f"report: {tmp_path / folder / 'report.md'}" in out
+    assert "took " in out
+    assert (tmp_path / "pope" / "report.md").is_file() and (tmp_path / "pope_prone" / "report.md").is_file()
 
 
 def test_demo_data_set_is_selectable(models, tmp_path, capsys, monkeypatch):
@@ -258,8 +278,10 @@ def test_demo_data_set_is_selectable(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "attnkit.synth.demo", demo)
     monkeypatch.setattr(cli, "DEMO_LIMIT", 1)
     monkeypatch.setattr(cli, "DEMO_COMPARE", ("baseline",))
+    monkeypatch.setattr(cli, "DEMO_PRONE_COMPARE", ("baseline",))
     assert cli.main(["eval", "--demo", "prone", "--out", str(tmp_path), *FAST]) == 0
     assert asked == ["prone"]
+    assert json.loads((tmp_path / "summary.json").read_text())["results"][0]["config"] == "baseline"
     assert cli.main(["eval", "--demo", "prone", "--model", str(models["llava"]), "--data", str(DATA / "pope"),
                      "--out", str(tmp_path), *FAST]) == 2
     assert "--demo prone selects the embedded demo's data" in capsys.readouterr().err

@@ -107,9 +107,14 @@ def pope_metrics(labels: Sequence[YesNo], preds: Sequence[YesNo | None], unparse
         raise ValueError(f"unparsed_as={unparsed_as!r}; use 'yes' (official POPE) or 'no'")
     filled = [unparsed_as if p is None else p for p in preds]
     counts = confusion(labels, filled, positive="yes")
-    return {**counts.metrics(), "yes_ratio": _div(counts.tp + counts.fp, counts.n), "tp": counts.tp,
-            "fp": counts.fp, "tn": counts.tn, "fn": counts.fn, "n": counts.n,
-            "n_unparsed": sum(p is None for p in preds)}
+    return {**pope_from_counts(counts), "tp": counts.tp, "fp": counts.fp, "tn": counts.tn, "fn": counts.fn,
+            "n": counts.n, "n_unparsed": sum(p is None for p in preds)}
+
+
+def pope_from_counts(counts: Confusion) -> dict[str, float]:
+    """POPE's rates from its confusion counts ("yes" positive): accuracy, precision, recall, F1, yes_ratio. The
+    metrics are functions of summed per-question counts, which is what makes a bootstrap over questions cheap."""
+    return {**counts.metrics(), "yes_ratio": _div(counts.tp + counts.fp, counts.n)}
 
 
 # -- MME ---------------------------------------------------------------------------------------------------------------
@@ -304,20 +309,29 @@ def chair_metrics(mentions: Sequence[Sequence[str]], gt_objects: Sequence[Collec
     """
     if len(mentions) != len(gt_objects):
         raise ValueError(f"{len(mentions)} captions but {len(gt_objects)} ground-truth object sets")
-    n_mentions = n_hallucinated = n_hallucinated_caps = covered = n_gt = 0
-    for said, gt in zip(mentions, gt_objects, strict=True):
-        gt = set(gt)
-        wrong = sum(c not in gt for c in said)
-        n_mentions += len(said)
-        n_hallucinated += wrong
-        n_hallucinated_caps += wrong > 0
-        covered += len(set(said) & gt)
-        n_gt += len(gt)
-    n = len(mentions)
-    out = {"chair_s": _div(n_hallucinated_caps, n), "chair_i": _div(n_hallucinated, n_mentions),
+    totals = [sum(column) for column in zip(*(chair_counts(said, gt) for said, gt in zip(mentions, gt_objects)),
+                                            strict=True)] or [0] * len(CHAIR_COUNTS)
+    return chair_from_counts(len(mentions), *totals, n_words=None if n_words is None else sum(n_words))
+
+
+CHAIR_COUNTS = ("n_mentions", "n_hallucinated", "hallucinated_caption", "covered", "n_gt")
+
+
+def chair_counts(said: Sequence[str], gt: Collection[str]) -> tuple[int, int, int, int, int]:
+    """One caption's additive CHAIR counts (:data:`CHAIR_COUNTS`): mentions, hallucinated mentions, whether any
+    mention is hallucinated (0/1), ground-truth categories it names, ground-truth categories."""
+    gt = set(gt)
+    wrong = sum(c not in gt for c in said)
+    return len(said), wrong, int(wrong > 0), len(set(said) & gt), len(gt)
+
+
+def chair_from_counts(n: int, n_mentions: int, n_hallucinated: int, hallucinated_captions: int, covered: int,
+                      n_gt: int, n_words: int | None = None) -> dict[str, float]:
+    """CHAIR's rates from counts summed over ``n`` captions (``n_words``: their total length in words)."""
+    out = {"chair_s": _div(hallucinated_captions, n), "chair_i": _div(n_hallucinated, n_mentions),
            "recall": _div(covered, n_gt), "n": n, "n_mentions": n_mentions, "n_hallucinated": n_hallucinated}
     if n_words is not None:
-        out["avg_len"] = _div(sum(n_words), len(n_words))
+        out["avg_len"] = _div(n_words, n)
     return out
 
 

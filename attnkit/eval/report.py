@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 BETTER, WORSE = "▲", "▼"
+SIGNIFICANT = "*"
 COSTS = (("visual_tokens", "visual tokens"), ("prefill_ms", "prefill ms"), ("decode_ms_per_token", "decode ms/tok"),
-         ("peak_mem_mb", "peak mem MB"))
+         ("prefill_tflops", "prefill FLOPs"), ("kv_cache_mb", "KV cache MB"), ("peak_mem_mb", "peak mem MB"))
+SPREAD = ("prefill_ms", "decode_ms_per_token")       # shown as median [p10–p90]
+RELATIVE = ("visual_tokens", "prefill_tflops", "kv_cache_mb")   # shown with the % change vs the baseline
 
 
 def direction(metric: str, higher_is_better: Mapping[str, bool]) -> bool | None:
@@ -44,7 +47,11 @@ def delta(value: float | None, base: float | None, higher_better: bool | None) -
     if d == 0:
         return "±0"
     arrow = "" if higher_better is None else (BETTER if (d > 0) == higher_better else WORSE)
-    return f"{'+' if d > 0 else '−'}{_num(abs(d))} {arrow}".rstrip()
+    return f"{_signed(d)} {arrow}".rstrip()
+
+
+def _signed(d: float) -> str:
+    return "±0" if d == 0 else f"{'+' if d > 0 else '−'}{_num(abs(d))}"
 
 
 def _cell(value, base, higher_better, is_base: bool) -> str:
@@ -54,33 +61,120 @@ def _cell(value, base, higher_better, is_base: bool) -> str:
     return f"{_num(value)} ({d})" if d else _num(value)
 
 
+def _interval(ci: Sequence[float] | None) -> str:
+    return "" if not ci else f" [{_minus(ci[0])}, {_minus(ci[1])}]"
+
+
+def _minus(v: float) -> str:
+    """A number with a typographic minus, as the changes are written."""
+    return ("−" + _num(-v)) if v < 0 else _num(v)
+
+
+def metric_cell(result: Mapping[str, Any], metric: str) -> str:
+    """``"0.950 [0.921, 0.975]"``: the metric and its bootstrap interval (when the summary has one)."""
+    return _num(result["metrics"].get(metric)) + _interval(result.get("ci", {}).get(metric))
+
+
+def paired_cell(result: Mapping[str, Any], base: Mapping[str, Any], metric: str,
+                higher_better: bool | None) -> str:
+    """``"−0.033 [−0.061, −0.008] ▼*"``: the change vs the baseline, its paired interval, ▲/▼ and ``*`` when the
+    interval excludes 0; without intervals, the plain change."""
+    value, ref = result["metrics"].get(metric), base["metrics"].get(metric)
+    if result is base or value is None or ref is None:
+        return "–"
+    d = value - ref
+    arrow = "" if higher_better is None or d == 0 else (BETTER if (d > 0) == higher_better else WORSE)
+    ci = result.get("paired", {}).get(metric)
+    mark = SIGNIFICANT if ci is not None and metric in result.get("significant", ()) else ""
+    return f"{_signed(d)}{_interval(ci)} {arrow}{mark}".rstrip()
+
+
+def flops_unit(results: Sequence[Mapping[str, Any]]) -> tuple[str, float]:
+    """The FLOPs unit (and the factor from TFLOPs) at which the largest prefill reads at least 0.1."""
+    top = max((r["costs"].get("prefill_tflops") or 0 for r in results), default=0)
+    for unit, scale in (("TFLOPs", 1.0), ("GFLOPs", 1e3), ("MFLOPs", 1e6), ("kFLOPs", 1e9)):
+        if top * scale >= 0.1:
+            return unit, scale
+    return ("TFLOPs", 1.0) if not top else ("FLOPs", 1e12)
+
+
+def cost_cell(result: Mapping[str, Any], base: Mapping[str, Any], key: str, scale: float = 1.0) -> str:
+    """A cost: ``median [p10–p90]`` for timings, the value with its % change vs the baseline for token counts,
+    FLOPs and KV bytes, ``n/a`` for a peak memory nobody measured (CPU)."""
+    costs = result["costs"]
+    value = costs.get(key)
+    if value is None:
+        return "n/a" if key == "peak_mem_mb" else "–"
+    text = _num(value * scale)
+    if key in SPREAD and costs.get(f"{key}_p10") is not None:
+        text += f" [{_num(costs[f'{key}_p10'])}–{_num(costs[f'{key}_p90'])}]"
+    ref = base["costs"].get(key)
+    if key in RELATIVE and result is not base and ref:
+        change = 100 * (value - ref) / ref
+        text += f" ({'+' if change > 0 else '−' if change < 0 else '±'}{abs(change):.0f} %)"
+    return text
+
+
 def baseline_of(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return next((r for r in results if r["config"] == "baseline"), results[0])
 
 
+def _primary(summary: Mapping[str, Any]) -> str | None:
+    metrics = list(dict.fromkeys(k for r in summary["results"] for k in r["metrics"]))
+    primary = summary.get("primary_metric")
+    return primary if primary in metrics else (metrics[0] if metrics else None)
+
+
+def trade_off_table(summary: Mapping[str, Any]) -> list[str]:
+    """Per config: n, errors, the primary metric with its interval, its paired change vs the baseline, the costs."""
+    results = summary["results"]
+    hib = summary.get("higher_is_better", {})
+    base, primary = baseline_of(results), _primary(summary)
+    unit, scale = flops_unit(results)
+    head = ["config", "n", "errors"]
+    if primary:
+        hint = _hint(direction(primary, hib))
+        head += [f"{primary} {hint}".rstrip(), f"Δ {primary} vs {base['config']}"]
+    head += [(f"prefill {unit}" if k == "prefill_tflops" else label) + " ↓" for k, label in COSTS]
+    lines = [_row(head), _row(["---"] * len(head))]
+    for r in results:
+        cells = [f"**{r['config']}**" if r is base else r["config"], str(r["n"]), str(r["n_errors"])]
+        if primary:
+            cells += [metric_cell(r, primary), paired_cell(r, base, primary, direction(primary, hib))]
+        cells += [cost_cell(r, base, k, scale if k == "prefill_tflops" else 1.0) for k, _ in COSTS]
+        lines.append(_row(cells))
+    return lines
+
+
+def legend(summary: Mapping[str, Any]) -> str:
+    """What the trade-off table's brackets, marks and cost columns mean."""
+    base = baseline_of(summary["results"])["config"] if summary["results"] else "baseline"
+    iv = summary.get("intervals")
+    text = ""
+    if iv:
+        text += (f"[a, b] after a metric: {100 * iv['level']:.0f} % percentile bootstrap interval over samples "
+                 f"({iv['resamples']} resamples, stratified by split). Δ: the paired difference vs {base} on the "
+                 f"same draws; {SIGNIFICANT} marks a difference whose interval excludes 0 (significant); without "
+                 f"{SIGNIFICANT} it is within sampling noise. ")
+    text += (f"{BETTER} better / {WORSE} worse than {base}; ↑/↓ in a header: higher/lower is better. "
+             "prefill ms and decode ms/tok: median over samples [p10–p90]; prefill FLOPs (LLM, 2 per multiply-add, "
+             "full-square attention, gated MLP; attnkit/eval/costs.py) and KV cache after generation: means per "
+             "sample from the tokens each decoder layer processed, with the change vs the baseline; peak memory: "
+             f"{summary.get('memory') or 'not measured'}.")
+    return text
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
-    """Two tables: per config the primary metric and the costs; per metric every config, with deltas."""
+    """Two tables: per config the primary metric (interval, paired change) and the costs; per metric every
+    config, with deltas."""
     results = summary["results"]
     if not results:
         return f"# {summary['bench']}: no results\n"
     hib = summary.get("higher_is_better", {})
     base = baseline_of(results)
-    primary = summary.get("primary_metric")
+    primary = _primary(summary)
     metrics = list(dict.fromkeys(k for r in results for k in r["metrics"]))
-    if primary not in metrics:
-        primary = metrics[0] if metrics else None
-    lines = [f"# {summary['bench']}: interventions vs {base['config']}", ""]
-    head = ["config", "n", "errors"] + ([f"{primary} {_hint(direction(primary, hib))}".rstrip()] if primary else [])
-    head += [f"{label} ↓" for _, label in COSTS]
-    lines += [_row(head), _row(["---"] * len(head))]
-    for r in results:
-        is_base = r is base
-        cells = [f"**{r['config']}**" if is_base else r["config"], str(r["n"]), str(r["n_errors"])]
-        if primary:
-            cells.append(_cell(r["metrics"].get(primary), base["metrics"].get(primary),
-                               direction(primary, hib), is_base))
-        cells += [_cell(r["costs"].get(k), base["costs"].get(k), False, is_base) for k, _ in COSTS]
-        lines.append(_row(cells))
+    lines = [f"# {summary['bench']}: interventions vs {base['config']}", "", *trade_off_table(summary)]
     shown = detail_metrics(metrics, primary)
     if len(shown) > 1:
         lines += ["", "| metric | " + " | ".join(r["config"] for r in results) + " |",
@@ -90,9 +184,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             cells = [f"{m} {_hint(hb)}".rstrip()]
             cells += [_cell(r["metrics"].get(m), base["metrics"].get(m), hb, r is base) for r in results]
             lines.append(_row(cells))
-    lines += ["", f"{BETTER} better / {WORSE} worse than {base['config']}; ↑/↓ in a header: higher/lower is better. "
-              f"Costs are means per sample; peak memory is the max ({summary.get('memory', 'n/a')}). "
-              "All metrics per split are in summary.json."]
+    lines += ["", legend(summary) + " All metrics per split are in summary.json."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,12 +229,11 @@ def plot(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     pts = [(r["costs"].get("visual_tokens"), r["metrics"].get(primary), r["config"]) for r in results]
     pts = [p for p in pts if p[0] is not None and p[1] is not None]
     if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="visual tokens (mean per sample)", ylabel=primary, title=f"{bench}: {primary} vs visual tokens")
         ax.grid(alpha=0.3)
+        place_labels(ax, [(x, y) for x, y, _ in pts], [label for _, _, label in pts])
         paths.append(_save(fig, out_dir / f"{bench}_metric_vs_tokens.png"))
     sweeps: dict[str, list[tuple]] = {}
     for r in results:
@@ -165,6 +256,37 @@ def plot(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / f"{bench}_latency_vs_keep.png"))
     return paths
+
+
+def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str], fontsize: float = 7) -> list:
+    """Annotate each point with its label so that no two labels' boxes overlap: a label that would overlap one
+    already placed moves down (then up) by its own height until it is free. Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()                      # a renderer (and the final axis limits) for the text extents
+    renderer = fig.canvas.get_renderer()
+    placed, boxes = [], []
+    for (x, y), label in sorted(zip(points, labels, strict=True), key=lambda p: (-p[0][1], p[0][0])):
+        ann = ax.annotate(label, (x, y), fontsize=fontsize, xytext=(4, 2), textcoords="offset points",
+                          arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
+        box = text_box(ann, renderer)
+        step = box.height * 72 / fig.dpi + 1          # one line, in points
+        for k in range(1, 4 * len(points) + 2):
+            if not any(box.overlaps(b) for b in boxes):
+                break
+            shift = step * ((k + 1) // 2) * (-1 if k % 2 else 1)     # down 1, up 1, down 2, up 2, ...
+            ann.set_position((4, 2 + shift))
+            box = text_box(ann, renderer)
+        boxes.append(box)
+        placed.append(ann)
+    return placed
+
+
+def text_box(annotation, renderer):
+    """The display-space box of an annotation's text alone (``get_window_extent`` adds its arrow)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)           # its text's place after a set_position()
+    return Text.get_window_extent(annotation, renderer)
 
 
 def _save(fig, path: Path) -> Path:
@@ -257,41 +379,67 @@ def attention_maps(model, processor, image, prompt: str, layers: Sequence[int] |
 
 def save_attention_maps(model, processor, image, prompt: str, out_dir: str | Path,
                         layers: Sequence[int] | None = None, extra: Sequence[str] = ()) -> list[Path]:
-    """``layerNN.png`` (heatmap over the image) per layer, ``mean.png`` over layers, ``attention.json`` (raw)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """``layerNN.png`` (heatmap over the image, with a colour bar on one scale shared by all layers) per layer,
+    ``mean.png`` over layers, ``attention.json`` (raw)."""
     grids, family = attention_maps(model, processor, image, prompt, layers, extra)
     if not grids:
         raise ValueError("nothing recorded: the prompt has no visual tokens (is the image token in the template?)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = _center_square(image) if family == "llava" else image
-    paths = []
-    items = list(grids.items())
-    if len({g.shape for g in grids.values()}) == 1:
-        items.append(("mean", np.mean(np.stack(list(grids.values())), axis=0)))
-    for layer, grid in items:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        if grid.shape[0] > 1:
-            ax.imshow(shown)
-            ax.imshow(grid, cmap="jet", alpha=0.5, extent=(0, shown.width, shown.height, 0), interpolation="bilinear")
-        else:
-            ax.imshow(grid, cmap="jet", aspect="auto")
-        ax.set_axis_off()
-        where = "mean over layers" if layer == "mean" else f"layer {layer}"
-        ax.set_title(f"{where}: last prompt token → image (head mean)", fontsize=8)
-        name = "mean.png" if layer == "mean" else f"layer{layer:02d}.png"
-        paths.append(_save(fig, out_dir / name))
+    paths = [_save(fig, out_dir / name) for name, fig in attention_figures(grids, shown)]
+
     def plain(values):   # valid JSON: dropped tokens (NaN) as null
         return [plain(v) if isinstance(v, list) else (None if v != v else v) for v in values]
 
     raw = {"family": family, "prompt": prompt, "layers": {str(k): plain(v.tolist()) for k, v in grids.items()}}
     (out_dir / "attention.json").write_text(json.dumps(raw))
     return paths
+
+
+def shared_scale(grids: Mapping[Any, Any]) -> tuple[float, float]:
+    """(vmin, vmax) over every layer's grid, ignoring dropped tokens (NaN): one colour scale for all maps."""
+    import numpy as np
+
+    values = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids.values()])
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    return (low, high) if high > low else (low, low + 1e-12)
+
+
+def attention_figures(grids: Mapping[int, Any], image) -> list[tuple[str, Any]]:
+    """``(file name, figure)`` per layer and for the mean over layers (when every grid has one shape): the map over
+    ``image`` (a 1 × V strip when the layout is unknown) on one colour scale shared by all of them
+    (:func:`shared_scale`), with a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    items: list[tuple[Any, Any]] = list(grids.items())
+    if len({np.shape(g) for g in grids.values()}) == 1:
+        items.append(("mean", np.mean(np.stack(list(grids.values())), axis=0)))
+    vmin, vmax = shared_scale(grids)
+    out = []
+    for layer, grid in items:
+        fig, ax = plt.subplots(figsize=(5.2, 4.5))
+        if grid.shape[0] > 1:
+            ax.imshow(image)
+            heat = ax.imshow(grid, cmap="jet", alpha=0.5, extent=(0, image.width, image.height, 0),
+                             interpolation="bilinear", vmin=vmin, vmax=vmax)
+        else:
+            heat = ax.imshow(grid, cmap="jet", aspect="auto", vmin=vmin, vmax=vmax)
+        ax.set_axis_off()
+        bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label("attention weight (scale shared by all layers)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+        where = "mean over layers" if layer == "mean" else f"layer {layer}"
+        ax.set_title(f"{where}: last prompt token → image (head mean)", fontsize=8)
+        out.append(("mean.png" if layer == "mean" else f"layer{layer:02d}.png", fig))
+    return out
 
 
 def _center_square(image):

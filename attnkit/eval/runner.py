@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from attnkit.eval.costs import text_dims
 from attnkit.eval.fingerprint import HashCache, digest, folder_fingerprint, options_fingerprint, samples_fingerprint
 from attnkit.models.prompts import build_inputs, chat_prompt, open_image
 
@@ -357,20 +358,36 @@ class ConfigResult:
         return asdict(self)
 
 
-COST_KEYS = ("visual_tokens", "prefill_ms", "decode_ms_per_token", "peak_mem_mb")
+COST_KEYS = ("visual_tokens", "prompt_tokens", "prefill_ms", "decode_ms_per_token", "peak_mem_mb", "prefill_tflops",
+             "kv_cache_mb")
+SPREAD_KEYS = ("prefill_ms", "decode_ms_per_token")     # median with ``_p10`` / ``_p90`` over samples
 
 
-def summarize_costs(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Means over successful rows (``peak_mem_mb``: the max)."""
+def summarize_costs(rows: Sequence[dict], dims: dict[str, int] | None = None) -> dict[str, float | None]:
+    """Per config over successful rows: ``prefill_ms`` and ``decode_ms_per_token`` as the median with ``…_p10`` /
+    ``…_p90`` (the spread over samples); ``visual_tokens`` / ``prompt_tokens`` and the analytic ``prefill_tflops``
+    / ``kv_cache_mb`` (:mod:`attnkit.eval.costs`, from each row's ``layer_tokens`` and the LLM's ``dims``) as
+    means; ``peak_mem_mb`` the max (None when no row has one, e.g. on CPU)."""
+    from attnkit.eval.costs import sample_costs, spread
+
+    rows = [{**r, **sample_costs(r, dims)} for r in rows]
     out: dict[str, float | None] = {}
     for key in COST_KEYS:
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        out[key] = (max(vals) if key == "peak_mem_mb" else sum(vals) / len(vals)) if vals else None
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if key in SPREAD_KEYS:
+            s = spread(vals)
+            out[key], out[f"{key}_p10"], out[f"{key}_p90"] = s["median"], s["p10"], s["p90"]
+        elif key == "peak_mem_mb":
+            out[key] = max(vals) if vals else None
+        else:
+            out[key] = sum(vals) / len(vals) if vals else None
     return out
 
 
-def score(bench, samples: Sequence, rows: Sequence[dict], config: str, path: Path) -> ConfigResult:
-    """The benchmark's metrics over this run's samples (error rows have no prediction), and the mean costs."""
+def score(bench, samples: Sequence, rows: Sequence[dict], config: str, path: Path,
+          dims: dict[str, int] | None = None) -> ConfigResult:
+    """The benchmark's metrics over this run's samples (error rows have no prediction), and the costs
+    (:func:`summarize_costs`; ``dims``: :func:`attnkit.eval.costs.text_dims` of the model, for FLOPs and KV bytes)."""
     by_id = {r["id"]: r for r in rows}
     ran = [s for s in samples if s.id in by_id]
     ok = [s for s in ran if "error" not in by_id[s.id]]
@@ -378,7 +395,7 @@ def score(bench, samples: Sequence, rows: Sequence[dict], config: str, path: Pat
     preds = {s.id: by_id[s.id]["prediction"] for s in ok}
     metrics = bench.score(ran, preds) if ok else {}
     return ConfigResult(bench.name, config, str(path), len(ok), len(errors), dict(metrics),
-                        summarize_costs([by_id[s.id] for s in ok]), errors)
+                        summarize_costs([by_id[s.id] for s in ok], dims), errors)
 
 
 def load_samples(bench) -> list:
@@ -721,8 +738,10 @@ def evaluate(bench, configs: Sequence[str], out_dir: str | Path, settings: RunSe
     if shard.rank != 0:
         return []
     order = [s.id for s in samples]
-    results = [score(bench, samples, merge_shards(p, order), c, p) for c, p in zip(configs, paths, strict=True)]
-    write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"])
+    dims = text_dims(model)
+    results = [score(bench, samples, merge_shards(p, order), c, p, dims) for c, p in zip(configs, paths, strict=True)]
+    write_summary(out_dir, bench, results, memory=MEMORY_NOTE["cuda" if model.device.type == "cuda" else "cpu"],
+                  samples=samples, dims=dims)
     return results
 
 
@@ -749,10 +768,37 @@ def _preflight(model, configs: Sequence[str]) -> None:
             raise ValueError(f"config {config!r} cannot run on this model: {e}") from e
 
 
-def write_summary(out_dir: Path, bench, results: Sequence[ConfigResult], memory: str) -> Path:
+def write_summary(out_dir: Path, bench, results: Sequence[ConfigResult], memory: str, samples: Sequence | None = None,
+                  dims: dict[str, int] | None = None, resamples: int | None = None) -> Path:
+    """``summary.json``: the results, and with ``samples`` each result's bootstrap intervals of the primary metric
+    (``ci``) and of its paired difference vs the baseline (``paired``, ``significant``; see
+    :mod:`attnkit.eval.intervals`); ``dims``: the LLM dimensions the FLOPs and KV bytes were computed from."""
+    from attnkit.eval import intervals
+
+    entries = [r.to_dict() for r in results]
+    data: dict[str, Any] = {"bench": bench.name, "primary_metric": bench.primary_metric,
+                            "higher_is_better": dict(bench.higher_is_better), "memory": memory}
+    if samples is not None and results:
+        base = next((i for i, r in enumerate(results) if r.config == BASELINE), 0)
+        order = [base] + [i for i in range(len(results)) if i != base]
+        preds = [_predictions(results[i]) for i in order]
+        ran = [s for s in samples if any(s.id in p for p in preds)]
+        if ran:
+            found = intervals.config_intervals(bench, ran, preds, metrics={bench.primary_metric.rsplit("/", 1)[-1]},
+                                               resamples=resamples)
+            for i, entry in zip(order, found, strict=True):
+                entries[i].update(entry)
+            data["intervals"] = {"method": "percentile bootstrap over samples, stratified by split; paired vs "
+                                           f"{results[base].config} on the same draws",
+                                 "level": intervals.LEVEL, "resamples": resamples or intervals.default_resamples(bench)}
+    if dims is not None:
+        data["llm_dims"] = dict(dims)
+    data["results"] = entries
     path = out_dir / "summary.json"
-    data = {"bench": bench.name, "primary_metric": bench.primary_metric,
-            "higher_is_better": dict(bench.higher_is_better), "memory": memory,
-            "results": [r.to_dict() for r in results]}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _predictions(result: ConfigResult) -> dict[str, str]:
+    """Sample id -> prediction of a scored config, from its rows on disk (error rows have none)."""
+    return {r["id"]: r["prediction"] for r in read_rows(Path(result.path)) if "error" not in r and "prediction" in r}
