@@ -227,6 +227,10 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", dt
     torch.manual_seed(seed)
     cfg._attn_implementation = attn_implementation
     model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    if family == "gemma3":   # the model's init zeroes the projection: every image row would be 0
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     return model.eval()
 
 

@@ -229,8 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", type=int, default=8, help="decode steps timed per run")
-    parser.add_argument("--families", nargs="+", default=["llava", "qwen2_vl"],
-                        choices=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"))
+    parser.add_argument("--families", nargs="+", default=["llava", "qwen2_vl"], choices=testing.ALL_FAMILIES)
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
     parser.add_argument("--no-vte", action="store_true", help="skip the vte table (32-layer config)")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",

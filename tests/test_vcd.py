@@ -18,7 +18,7 @@ def _batch(processor, which, side="left"):
     before = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = side
     try:
-        return processor(images=[testing.tiny_image(10 * i) for i in which], text=texts, return_tensors="pt",
+        return processor(images=[[testing.tiny_image(10 * i)] for i in which], text=texts, return_tensors="pt",
                          padding=True)
     finally:
         processor.tokenizer.padding_side = before
@@ -59,7 +59,7 @@ def _assert_same_cut(got, want):
     torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", testing.ALL_FAMILIES)
 def test_logits_equal_a_hand_computation(tiny, family):
     """cd from two unmodified forwards: the clean inputs and the same inputs with noised pixel_values."""
     model, processor = tiny(family)
@@ -77,21 +77,23 @@ def test_logits_equal_a_hand_computation(tiny, family):
     assert torch.isinf(other).any() and not torch.allclose(noised, clean)
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", testing.ALL_FAMILIES)
 def test_generate_with_cache_equals_a_no_cache_loop_and_each_sample_alone(tiny, family):
     model, processor = tiny(family)
     inputs = _batch(processor, [0, 1, 2])
+    logits = dict(output_logits=True, return_dict_in_generate=True)
     with attnkit.intervene(model, "vcd:beta=0.001"):
-        out = model.generate(**inputs, max_new_tokens=4, **GEN)
+        out = model.generate(**inputs, max_new_tokens=4, **GEN, **logits)
         loop = testing.greedy_reference(model, inputs, 4, family)
         alone = [model.generate(**_batch(processor, [b]), max_new_tokens=4, **GEN)[0, -4:] for b in range(3)]
-    assert torch.equal(out, loop)
-    assert torch.equal(out[:, -4:], torch.stack(alone))
-    assert not torch.equal(out, model.generate(**inputs, max_new_tokens=4, **GEN))
+    assert torch.equal(out.sequences, loop)
+    assert torch.equal(out.sequences[:, -4:], torch.stack(alone))
+    plain = model.generate(**inputs, max_new_tokens=4, **GEN, **logits)
+    assert not torch.allclose(out.logits[0], plain.logits[0])   # the contrast moved the first step's logits
 
 
 @pytest.mark.parametrize("images", [1, 2])
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", testing.ALL_FAMILIES)
 def test_beams_and_return_sequences(tiny, family, images):
     """The noised branch's cache follows beam reordering and its image features follow generate's expansion
     (each sample's group of images repeated): cached beams equal generate without a cache (both branches

@@ -18,9 +18,6 @@ class InternVLAdapter(ModelAdapter):
     images are told apart by their runs, not by counts.
     """
 
-    noised_images_unsupported = ("InternVL returns per-tile feature lists that the noised "
-                                 "re-encoding does not handle yet")
-
     families = {"InternVLForConditionalGeneration": "internvl"}
     vision_scores = ("cls", "received")
     _projecting = False
