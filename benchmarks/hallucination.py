@@ -1,7 +1,7 @@
 """Hallucination methods on the demo's prone split: one markdown table with 95 % bootstrap intervals.
 
     python -m benchmarks.hallucination [--runs attnkit_runs/hallu] [--data attnkit/assets/demo/data_prone]
-                                       [--resamples 1000] [--sinks 30 [--model attnkit/assets/demo/model]]
+                                       [--resamples 1000] [--sinks 30] [--effect 60 [--effect-specs SPEC ...]]
 
 Reads the row files that ``attnkit eval --out <runs>/pope`` and ``--out <runs>/chair`` wrote (one JSONL and
 ``.meta.json`` per config; only files whose data and benchmark-option fingerprints match ``--data``), scores them
@@ -11,7 +11,8 @@ bootstrap interval (:func:`attnkit.eval.bootstrap.bootstrap_ci`, stratified by s
 the baseline, marked ▲ (better) / ▼ (worse) only where the paired interval
 (:func:`attnkit.eval.bootstrap.paired_ci`) excludes 0. Then the ``attnkit eval`` commands that produce the rows.
 ``--sinks N`` also prints, per decoder layer of the demo model, the largest ``|x[d]| / RMS(x)`` over N prone
-POPE prompts and how many tokens reach VAR's threshold (the paper's tau = 20, and tau = 3).
+POPE prompts and how many tokens reach VAR's threshold (the paper's tau = 20, and tau = 3); ``--effect N`` how far
+some methods move P(yes) at the first answer token (does the method act on this model at all?).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from attnkit.eval.runner import BASELINE, read_rows
 DATA = "attnkit/assets/demo/data_prone"
 # benchmark options of the measured runs (the demo model was trained on the bare POPE questions)
 OPTIONS: dict[str, dict[str, str]] = {"pope": {"prompt_suffix": ""}, "chair": {}}
+# --effect: PAI's attention step from its default layer (2 of the demo's 4) and earlier, VAR with the demo's dims
+EFFECT_SPECS = ("pai:cfg=false", "pai:cfg=false,alpha=1.0", "pai:cfg=false,start_layer=1",
+                "pai:cfg=false,start_layer=0", "var:sink_dims=81+250,tau=3",
+                "var:sink_dims=81+250,tau=3,last_layer=true", "pai", "vhr", "mma")
 # (header, benchmark, metric key, higher is better)
 COLUMNS: list[tuple[str, str, str, bool]] = [
     ("POPE random acc", "pope", "random/accuracy", True),
@@ -227,6 +232,59 @@ def sink_report(model_path: str, data: str, n: int, tau: float = 3.0) -> str:
     return "\n".join(lines)
 
 
+def effect_report(model_path: str, data: str, n: int, specs: Sequence[str]) -> str:
+    """Does a method move the answer at all? Per spec, over ``n`` prone POPE questions (a third from each split):
+    the change of the yes-minus-no logit margin at the first answer token vs the unwrapped model (mean and
+    largest absolute change, next to the baseline's mean absolute margin for scale) and the answers it flips."""
+    import torch
+
+    import attnkit
+    from attnkit.eval.loading import load_model_and_processor
+    from attnkit.models.prompts import build_inputs
+
+    model, processor = load_model_and_processor(model_path)
+    yes, no = (processor.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+    samples = get_benchmark("pope", data, limit=max(1, n // 3), **OPTIONS["pope"]).samples()
+    inputs = [build_inputs(processor, s.question, s.image) for s in samples]
+
+    def margins() -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for x in inputs:
+                logits = model.generate(**x, max_new_tokens=1, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True).logits[0][0].float()
+                out.append(logits[yes] - logits[no])
+        return torch.stack(out)
+
+    base = margins()
+    lines = [f"effect: {len(samples)} POPE questions; yes-minus-no logit margin at the first answer token (baseline: "
+             f"mean abs margin {float(base.abs().mean()):.2f})",
+             "| config | mean abs change | max abs change | answers flipped |", "|---|---|---|---|"]
+    for spec in specs:
+        handle = attnkit.wrap(model, *spec.split(";"))
+        try:
+            other = margins()
+        finally:
+            handle.remove()
+        d, flips = (other - base).abs(), int(((other > 0) != (base > 0)).sum())
+        lines.append(f"| `{spec}` | {float(d.mean()):.2e} | {float(d.max()):.2e} | {flips} |")
+    return "\n".join(lines)
+
+
+def complete(runs: Mapping[str, tuple[dict, list[dict]]], samples: Sequence, log: Callable[[str], None] = print
+             ) -> dict[str, tuple[dict, list[dict]]]:
+    """The configs with a prediction for every sample; the others are left out, and said so."""
+    ids = {s.id for s in samples}
+    out = {}
+    for config, (meta, rows) in runs.items():
+        done = ids & {r["id"] for r in rows}
+        if len(done) < len(ids):
+            log(f"left out {config!r}: {len(done)} of {len(ids)} samples run (rerun its `attnkit eval` to finish it)")
+        else:
+            out[config] = (meta, rows)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="attnkit_runs/hallu", help="folder holding pope/ and chair/ run folders")
@@ -234,7 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sinks", type=int, default=0, metavar="N", help="also count sinks over N prompts of --model")
-    p.add_argument("--model", default="attnkit/assets/demo/model", help="model of --sinks")
+    p.add_argument("--effect", type=int, default=0, metavar="N", help="also measure how far --effect-specs move "
+                   "P(yes) on N questions of --model")
+    p.add_argument("--effect-specs", nargs="+", default=list(EFFECT_SPECS))
+    p.add_argument("--model", default="attnkit/assets/demo/model", help="model of --sinks / --effect")
     args = p.parse_args(argv)
     stats, commands, extra = {}, [], {}
     for name in ("pope", "chair"):
@@ -244,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         bench = get_benchmark(name, args.data, **OPTIONS[name])
         samples = bench.samples()
-        runs = load_runs(folder, bench, samples, log=lambda m: print(m, file=sys.stderr))
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        runs = complete(load_runs(folder, bench, samples, log=log), samples, log=log)
         if not runs:
             continue
         score = pope_score(bench) if name == "pope" else bench.score
@@ -265,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(commands))
     if args.sinks:
         print("\n" + sink_report(args.model, args.data, args.sinks))
+    if args.effect:
+        print("\n" + effect_report(args.model, args.data, args.effect, args.effect_specs))
     return 0
 
 

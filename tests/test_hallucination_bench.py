@@ -70,6 +70,8 @@ def runs(tmp_path):
     (tmp_path / "runs" / "pope" / "summary.json").write_text(json.dumps({"results": [{"config": c} for c in preds]}))
     # rows of other data in the same folder: never read
     _write(tmp_path / "runs" / "pope", pope, "vcd", preds["pai"], data_hash="0" * 64)
+    # an unfinished run: left out of the table
+    _write(tmp_path / "runs" / "pope", pope, "vhr", dict(list(preds["pai"].items())[:50]))
     # CHAIR images 42 {person, dog}, 73 {bicycle, car}, 139 {dog, couch}: the baseline names one absent object in each
     captions = {"baseline": {"caption/42": "a man with a dog and a cat.", "caption/73": "a bicycle, a car and a dog.",
                              "caption/139": "a dog on a sofa with a car."},
@@ -97,7 +99,7 @@ def test_table_has_every_column_with_intervals_and_marks_only_significant_pairs(
         "POPE answers changed", "time × (POPE)"]
     rows = _rows(out)
     assert list(rows) == ["baseline", "pai", "mma"]          # the other data's "vcd" rows are skipped, and said so
-    assert "skipping pope__vcd" in err
+    assert "skipping pope__vcd" in err and "left out 'vhr': 50 of 120 samples run" in err
     interval = re.compile(r"^(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]")
     for config, cells in rows.items():
         for (_, _, metric, _), text in zip(hb.COLUMNS, cells, strict=False):
