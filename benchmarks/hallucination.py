@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = bench.samples()
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         runs = complete(load_runs(folder, bench, samples, log=log), samples, log=log)
-        if not runs:
+        if BASELINE not in runs:
+            log(f"{folder}: no finished baseline rows: {name} left out")
             continue
         score = pope_score(bench) if name == "pope" else bench.score
         metrics = [c[2] for c in COLUMNS if c[1] == name]
