@@ -165,3 +165,14 @@ def test_missing_baseline_or_unfinished_run_is_an_error(runs):
     loaded["pai"][1].pop()
     with pytest.raises(ValueError, match="'pai' has no prediction for 1 sample"):
         hb.bench_stats(hb.pope_score(pope), samples, loaded, ["f1"], 10, 0)
+
+
+def test_a_benchmark_without_baseline_rows_is_left_out(runs, capsys):
+    folder, data, *_ = runs
+    for path in (folder / "chair").glob("chair__baseline__*"):
+        path.unlink()
+    assert hb.main(["--runs", str(folder), "--data", str(data), "--resamples", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert "no finished baseline rows: chair left out" in err
+    header = next(ln for ln in out.splitlines() if ln.startswith("| config"))
+    assert "CHAIR_i" not in header and "F1 (all)" in header
