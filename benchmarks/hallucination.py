@@ -28,7 +28,7 @@ from attnkit.eval.benchmarks import get_benchmark
 from attnkit.eval.bootstrap import bootstrap_ci, paired_ci, significant
 from attnkit.eval.fingerprint import HashCache, options_fingerprint, samples_fingerprint
 from attnkit.eval.metrics import parse_yes_no
-from attnkit.eval.runner import BASELINE, read_rows
+from attnkit.eval.runner import BASELINE, read_rows, split_specs
 
 DATA = "attnkit/assets/demo/data_prone"
 # benchmark options of the measured runs (the demo model was trained on the bare POPE questions)
@@ -71,7 +71,7 @@ def pope_score(bench) -> Callable[[Sequence, Mapping[str, str]], dict[str, float
 def load_runs(folder: Path, bench, samples: Sequence, log: Callable[[str], None] = print
               ) -> dict[str, tuple[dict, list[dict]]]:
     """``{config: (meta, rows)}`` of ``folder``'s row files for ``bench`` whose data and options fingerprints
-    match ``samples`` and ``bench.options``; baseline first, then in ``summary.json``'s order, then by name."""
+    match ``samples`` and ``bench.options``, in :func:`_order`."""
     data = samples_fingerprint(samples, HashCache())
     options = options_fingerprint(bench.options)
     runs: dict[str, tuple[dict, list[dict]]] = {}
@@ -87,10 +87,13 @@ def load_runs(folder: Path, bench, samples: Sequence, log: Callable[[str], None]
         rows = [r for r in read_rows(meta_path.with_name(meta_path.name[:-len(".meta.json")] + ".jsonl"))
                 if "error" not in r]
         runs[meta["config"]] = (meta, rows)
-    summary = folder / "summary.json"
-    order = [r["config"] for r in json.loads(summary.read_text())["results"]] if summary.is_file() else []
-    rank = {c: i for i, c in enumerate([BASELINE, *order])}
-    return dict(sorted(runs.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+    return dict(sorted(runs.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(config: str) -> tuple:
+    """Baseline, then single methods by name (a method's settings by spec), then combinations."""
+    specs = split_specs(config)
+    return (len(specs) > 1 if specs else -1, specs[0].split(":")[0] if specs else "", config)
 
 
 def _interval(ci: tuple[float, float]) -> str:

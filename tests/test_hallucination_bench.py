@@ -67,7 +67,6 @@ def runs(tmp_path):
              "mma": _pope_predictions(ps, {*adv_absent, "random/0"})}
     for config, p in preds.items():
         _write(tmp_path / "runs" / "pope", pope, config, p, ms={"baseline": 10.0, "pai": 20.0, "mma": 10.0}[config])
-    (tmp_path / "runs" / "pope" / "summary.json").write_text(json.dumps({"results": [{"config": c} for c in preds]}))
     # rows of other data in the same folder: never read
     _write(tmp_path / "runs" / "pope", pope, "vcd", preds["pai"], data_hash="0" * 64)
     # an unfinished run: left out of the table
@@ -98,7 +97,7 @@ def test_table_has_every_column_with_intervals_and_marks_only_significant_pairs(
     assert [h.strip() for h in header.strip("|").split("|")][1:] == [c[0] for c in hb.COLUMNS] + [
         "POPE answers changed", "time × (POPE)"]
     rows = _rows(out)
-    assert list(rows) == ["baseline", "pai", "mma"]          # the other data's "vcd" rows are skipped, and said so
+    assert list(rows) == ["baseline", "mma", "pai"]          # the other data's "vcd" rows are skipped, and said so
     assert "skipping pope__vcd" in err and "left out 'vhr': 50 of 120 samples run" in err
     interval = re.compile(r"^(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]")
     for config, cells in rows.items():
@@ -124,7 +123,7 @@ def test_table_has_every_column_with_intervals_and_marks_only_significant_pairs(
     assert pai[-2:] == ["10", "2.00"] and mma[-2:] == ["1", "1.00"]
     # the commands that write these rows
     assert (f"attnkit eval --model demo/model --bench pope --data {data} --bench-option prompt_suffix= "
-            f"--max-new-tokens 4 --out {folder / 'pope'} --compare pai mma") in out
+            f"--max-new-tokens 4 --out {folder / 'pope'} --compare mma pai") in out
     assert f"attnkit eval --model demo/model --bench chair --data {data} --max-new-tokens 48" in out
 
 
@@ -176,3 +175,9 @@ def test_a_benchmark_without_baseline_rows_is_left_out(runs, capsys):
     assert "no finished baseline rows: chair left out" in err
     header = next(ln for ln in out.splitlines() if ln.startswith("| config"))
     assert "CHAIR_i" not in header and "F1 (all)" in header
+
+
+def test_order_is_baseline_then_methods_by_name_then_combinations():
+    configs = ["vhr;pai", "var:p=0.4", "baseline", "cls-prune:keep=36", "var", "pai:alpha=0.5", "pai"]
+    assert sorted(configs, key=hb._order) == ["baseline", "cls-prune:keep=36", "pai", "pai:alpha=0.5", "var",
+                                              "var:p=0.4", "vhr;pai"]
