@@ -141,12 +141,6 @@ def changed_answers(runs: Mapping[str, tuple[dict, list[dict]]]) -> dict[str, in
     return {c: sum(parse_yes_no(r["prediction"]) != base.get(r["id"]) for r in rows) for c, (_, rows) in runs.items()}
 
 
-def time_ratio(runs: Mapping[str, tuple[dict, list[dict]]]) -> dict[str, float]:
-    """Per config: mean ``total_ms`` per question over the baseline's (a shared CPU: ±10 % noise)."""
-    mean = {c: sum(r["total_ms"] for r in rows) / len(rows) for c, (_, rows) in runs.items()}
-    return {c: m / mean[BASELINE] for c, m in mean.items()}
-
-
 def table(stats: Mapping[str, Mapping[str, Mapping[str, tuple]]], extra: Mapping[str, Mapping[str, str]] | None = None
           ) -> str:
     """One markdown table: a row per config (every config of any benchmark), a column per :data:`COLUMNS` entry
@@ -319,7 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands.append(command(folder, bench, runs))
         if name == "pope":
             extra["POPE answers changed"] = {c: str(n) for c, n in changed_answers(runs).items()}
-            extra["time × (POPE)"] = {c: f"{t:.2f}" for c, t in time_ratio(runs).items()}
     if not stats:
         print(f"attnkit: error: no row files under {args.runs}/pope or {args.runs}/chair for {args.data}",
               file=sys.stderr)
