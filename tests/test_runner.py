@@ -382,3 +382,29 @@ def test_content_hash_cache_rehashes_copies_and_edits_not_unchanged_files(tmp_pa
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert again.file_hash(f) != h
     assert again.file_hash(tmp_path / "missing") is None
+
+
+def test_a_calibration_file_edited_in_place_is_not_served_from_the_folder(tiny_dir, loaded, tmp_path, cache_dir):
+    """``vhr:scores=FILE``: the rows are keyed by the file's content, not its path."""
+    import torch
+
+    model, _ = loaded
+    text = model.config.get_text_config()
+    heads = tmp_path / "heads.json"
+
+    def write(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        layers = {str(i): torch.rand(text.num_attention_heads, generator=g).tolist()
+                  for i in range(text.num_hidden_layers)}
+        heads.write_text(json.dumps({"method": "vhr", "num_heads": text.num_attention_heads, "layers": layers}))
+
+    write(0)
+    out, configs = tmp_path / "out", ("baseline", f"vhr:scores={heads}")
+    _, first, _ = _run_counted(OptionBench(tiny_dir), loaded, out, tiny_dir / "model", configs)
+    assert len(first) == 12
+    _, again, _ = _run_counted(OptionBench(tiny_dir), loaded, out, tiny_dir / "model", configs)
+    assert again == []                                       # same content: resumed
+    write(1)                                                 # same path, other heads
+    _, redone, lines = _run_counted(OptionBench(tiny_dir), loaded, out, tiny_dir / "model", configs)
+    assert redone == [f"s{i}" for i in range(6)]             # the vhr config only; the baseline is resumed
+    assert any("files" in line for line in lines)

@@ -124,3 +124,23 @@ def samples_fingerprint(samples: Iterable[Any], cache: HashCache) -> str:
 
 def options_fingerprint(options: Mapping[str, Any] | None) -> str:
     return digest(dict(options or {}))
+
+
+def intervention_files_fingerprint(specs: Iterable[str], cache: HashCache) -> str | None:
+    """Hash of the content of every file or folder an intervention spec names in a parameter listed in its
+    class's ``files`` (e.g. ``vhr:scores=heads.json``), so rows computed with other calibration contents are
+    never served; None when the specs name no file."""
+    from attnkit.interventions import build
+
+    items = []
+    for spec in specs:
+        iv = build(spec)
+        for name in type(iv).files:
+            value = getattr(iv, name)
+            if value is None:
+                continue
+            path = Path(value)
+            content = folder_fingerprint(path, cache) if path.is_dir() else cache.file_hash(path)
+            items.append([iv.name, name, content])
+    return digest(items) if items else None
+

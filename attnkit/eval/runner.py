@@ -1,7 +1,8 @@
 """The eval runner: one model load, the same samples / seed / greedy decoding for the baseline and each config.
 
 Each (benchmark, config) writes one JSONL in the output folder, ``{bench}__{label}__{hash}.jsonl``, where the
-hash covers everything that decides a row: the interventions, the benchmark and its options, the data (every
+hash covers everything that decides a row: the interventions (with the content of a calibration file one names),
+the benchmark and its options, the data (every
 sample's question, answer and the content of the image it reads, before ``limit``/``splits``), the model folder's
 content (weights, config, tokenizer, chat template; see :mod:`attnkit.eval.fingerprint`), the processor's chat
 template, the decoding, dtype/quantization and the attnkit version. Rows of another key in the same folder are
@@ -51,7 +52,14 @@ from typing import Any
 import torch
 
 from attnkit.eval.costs import text_dims
-from attnkit.eval.fingerprint import HashCache, digest, folder_fingerprint, options_fingerprint, samples_fingerprint
+from attnkit.eval.fingerprint import (
+    HashCache,
+    digest,
+    folder_fingerprint,
+    intervention_files_fingerprint,
+    options_fingerprint,
+    samples_fingerprint,
+)
 from attnkit.models.prompts import build_inputs, chat_prompt, open_image
 
 BASELINE = "baseline"
@@ -458,7 +466,12 @@ class ConfigRun:
         max_new = settings.max_new_tokens or bench.max_new_tokens
         if prints is None:
             prints = fingerprints(bench, samples, processor, settings)
-        self.key = key = RunKey(bench.name, canonical(config), settings, max_new, dict(prints))
+        prints, cache = dict(prints), HashCache()
+        files = intervention_files_fingerprint(split_specs(config), cache)   # calibration files' content
+        cache.save()
+        if files is not None:
+            prints["files"] = files
+        self.key = key = RunKey(bench.name, canonical(config), settings, max_new, prints)
         self.main = main = out_dir / f"{key.stem()}.jsonl"
         mine = shard.path(main)
         if shard.rank == 0:

@@ -149,7 +149,7 @@ class AttnkitGenerator:
                  max_new_tokens: int = 256, strict: bool = False, rank: int = 0, world_size: int = 1, model=None,
                  processor=None, batch_size: int | None = 1, max_batch_size: int | None = None):
         import attnkit
-        from attnkit.eval.fingerprint import HashCache, folder_fingerprint
+        from attnkit.eval.fingerprint import HashCache, folder_fingerprint, intervention_files_fingerprint
 
         self.specs = parse_interventions(interventions)      # bad specs fail before the model loads
         if model is None:
@@ -166,6 +166,9 @@ class AttnkitGenerator:
         self.config = {"model": str(Path(pretrained).resolve()), "interventions": ";".join(self.specs) or "baseline",
                        "dtype": str(dtype), "quantization": quantization, "attnkit": attnkit.__version__,
                        "weights": folder_fingerprint(pretrained, cache), "template": _hash(str(template))}
+        files = intervention_files_fingerprint(self.specs, cache)   # calibration files' content
+        if files is not None:
+            self.config["files"] = files
         cache.save()
         self.config_hash = _hash(self.config)
         self.output_dir = Path(output_dir or DEFAULT_OUTPUT_DIR)

@@ -50,11 +50,13 @@ class Intervention:
     - ``stats()``: what it did in the last forward/generate.
 
     ``batchable``: whether each sample of a padded batch gets the answer it gets alone (the eval runner runs a
-    method that sets it False at batch size 1, and says so).
+    method that sets it False at batch size 1, and says so). ``files``: the parameters that name a file or
+    folder whose CONTENT decides the result (calibrations); the eval stores key their rows by that content.
     """
 
     name: ClassVar[str] = ""
     batchable: ClassVar[bool] = True
+    files: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         self.validate()

@@ -67,6 +67,7 @@ class VHR(Intervention):
     """
 
     name = "vhr"
+    files = ("scores",)
     alpha: float = param(2.0, low=0.0, low_open=True, doc="reinforcement factor of the chosen heads (paper: alpha)")
     layers: tuple[int, ...] | None = param(None, low=0, doc="reinforced layers (default: {1} ∪ last 14/32 of them)")
     scores: str | None = param(None, doc="JSON of precomputed head scores (VHR.calibrate) instead of per-sample")

@@ -83,6 +83,7 @@ class VisualTokenExit(Pruner):
     """
 
     name = "vte"
+    files = ("calibration", "router")
     policy: str = param("calibrated", choices=POLICIES, doc="where the exit layer comes from")
     exit_layer: int | None = param(None, low=0, doc="policy=layer: the last layer that sees visual tokens")
     calibration: str | None = param(None, doc="policy=calibrated: JSON written by `attnkit calibrate vte`")
