@@ -412,6 +412,12 @@ def mask_keys(from_layer: int, dropped: list[list[int]], more: list[tuple[int, l
     return MaskKeys()
 
 
+def visual_positions(model, inputs) -> list[list[int]]:
+    """Per sample, the prompt positions of its visual (image placeholder) tokens."""
+    ids = inputs["input_ids"]
+    return [(ids[b] == model.config.image_token_id).nonzero().squeeze(1).tolist() for b in range(ids.shape[0])]
+
+
 def original_positions(model, inputs) -> torch.Tensor:
     """Positions the unmodified model uses in a plain forward: arange (1-D) or Qwen's 3-D rope index."""
     ids = inputs["input_ids"]

@@ -19,9 +19,7 @@ def _logits(model, inputs, **kw):
         return model(**inputs, **kw).logits
 
 
-def _visual(model, inputs) -> list[list[int]]:
-    ids = inputs["input_ids"]
-    return [(ids[b] == model.config.image_token_id).nonzero().squeeze(1).tolist() for b in range(ids.shape[0])]
+_visual = testing.visual_positions
 
 
 def _dropped(model, inputs, kept) -> list[list[int]]:

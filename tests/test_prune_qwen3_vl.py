@@ -24,9 +24,7 @@ def _logits(model, inputs, **kw):
         return model(**inputs, **kw).logits
 
 
-def _visual(model, inputs) -> list[list[int]]:
-    ids = inputs["input_ids"]
-    return [(ids[b] == model.config.image_token_id).nonzero().squeeze(1).tolist() for b in range(ids.shape[0])]
+_visual = testing.visual_positions
 
 
 def _dropped(visual, kept) -> list[list[int]]:
