@@ -97,7 +97,8 @@ class ModelAdapter:
         - ``"keys"`` [n, d]: that layer's keys (head mean, pooled likewise);
         - ``"features"`` [n, ...]: the rows the projector maps to the LLM tokens (:meth:`project` takes them);
         - ``"group"`` [n] (always): the crop/tile each token comes from (0 = the base image), -1 for tokens
-          that are layout, not content (LLaVA-NeXT's row newlines: every pruner keeps them).
+          that are layout, not content (NeXT's / OneVision's row newlines: kept by the pruners that select
+          before the LLM; in-LLM pruners rank every visual position).
 
         ``wants`` is a subset of ``{"cls", "received", "keys", "features"}`` (scores: see :attr:`vision_scores`).
         """
