@@ -412,6 +412,30 @@ def mask_keys(from_layer: int, dropped: list[list[int]], more: list[tuple[int, l
     return MaskKeys()
 
 
+def drop_stages(stats: dict, batch: int) -> list[dict]:
+    """A pruner's ``stats()`` as its stages ``[{"from_layer", "kept_positions"}, ...]`` (vte: every visual token
+    leaves at one layer)."""
+    if "removed_from_layer" in stats:
+        return [{"from_layer": stats["removed_from_layer"], "kept_positions": [[] for _ in range(batch)]}]
+    return stats.get("stages") or [{"from_layer": stats["from_layer"], "kept_positions": stats["kept_positions"]}]
+
+
+def assert_equals_mask_keys(model, inputs, pruned: torch.Tensor, masks: list[tuple[int, list[list[int]]]]) -> None:
+    """``pruned`` logits == the unmodified model with each stage ``(layer, dropped)``'s dropped tokens masked as
+    keys from its layer on (:func:`mask_keys`), on every kept row; and they differ from the unpruned model's."""
+    import attnkit
+
+    with torch.no_grad():
+        with attnkit.intervene(model, mask_keys(*masks[0], more=masks[1:])):
+            ref = model(**inputs).logits
+        plain = model(**inputs).logits
+    keep = inputs["attention_mask"].bool().clone()
+    for b, cols in enumerate(masks[-1][1]):
+        keep[b, cols] = False
+    torch.testing.assert_close(pruned[keep], ref[keep], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pruned[keep], plain[keep])
+
+
 def visual_positions(model, inputs) -> list[list[int]]:
     """Per sample, the prompt positions of its visual (image placeholder) tokens."""
     ids = inputs["input_ids"]

@@ -201,19 +201,9 @@ def _masking_reference(model, inputs, spec, name):
         pruned = _logits(model, inputs)
         stats = handle.stats()[name]
     visual = _visual(model, inputs)
-    if name == "vte":
-        stages = [{"from_layer": stats["removed_from_layer"], "kept_positions": [[] for _ in visual]}]
-    else:
-        stages = stats.get("stages") or [{"from_layer": stats["from_layer"], "kept_positions": stats["kept_positions"]}]
     masks = [(s["from_layer"], [[t for t in v if t not in kept] for v, kept in zip(visual, s["kept_positions"])])
-             for s in stages]
-    with attnkit.intervene(model, testing.mask_keys(*masks[0], more=masks[1:])):
-        ref = _logits(model, inputs)
-    keep = inputs["attention_mask"].bool().clone()
-    for b, cols in enumerate(masks[-1][1]):
-        keep[b, cols] = False
-    torch.testing.assert_close(pruned[keep], ref[keep], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(pruned[keep], _logits(model, inputs)[keep])
+             for s in testing.drop_stages(stats, len(visual))]
+    testing.assert_equals_mask_keys(model, inputs, pruned, masks)
 
 
 def _stage0_reference(model, inputs, spec, name):

@@ -31,12 +31,6 @@ def _dropped(visual, kept) -> list[list[int]]:
     return [[t for t in v if t not in k] for v, k in zip(visual, kept)]
 
 
-def _stages(stats: dict) -> list[dict]:
-    if "removed_from_layer" in stats:       # vte: every visual token leaves at one layer
-        return [{"from_layer": stats["removed_from_layer"], "kept_positions": [[] for _ in stats["exit_layer"]]}]
-    return stats.get("stages") or [{"from_layer": stats["from_layer"], "kept_positions": stats["kept_positions"]}]
-
-
 def _gathered(logits, cols):
     return torch.gather(logits, 1, cols[..., None].expand(-1, -1, logits.shape[-1]))
 
@@ -185,15 +179,9 @@ def test_inside_stages_equal_the_masking_reference(tiny, spec):
         pruned = _logits(model, inputs)
         stats = handle.stats()[name]
     visual = _visual(model, inputs)
-    masks = [(s["from_layer"], _dropped(visual, s["kept_positions"])) for s in _stages(stats)]
+    masks = [(s["from_layer"], _dropped(visual, s["kept_positions"])) for s in testing.drop_stages(stats, len(visual))]
     assert all(layer > 0 for layer, _ in masks) and any(any(d) for _, d in masks)
-    with attnkit.intervene(model, testing.mask_keys(*masks[0], more=masks[1:])):
-        ref = _logits(model, inputs)
-    keep = inputs["attention_mask"].bool().clone()
-    for b, cols in enumerate(masks[-1][1]):
-        keep[b, cols] = False
-    torch.testing.assert_close(pruned[keep], ref[keep], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(pruned[keep], _logits(model, inputs)[keep])
+    testing.assert_equals_mask_keys(model, inputs, pruned, masks)
 
 
 def test_sparsevlm_recycled_tokens_merge_their_deepstack_rows(tiny):
