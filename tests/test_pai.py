@@ -60,10 +60,11 @@ def test_layers_and_spec(tiny):
     assert getattr(model, "_attnkit_handle", None) is None
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
-def test_family_identity_effect_and_generate(tiny, family):
-    model, processor = tiny(family)
-    inputs = testing.tiny_inputs(processor, batch=2)
+@pytest.mark.parametrize("family", testing.ALL_FAMILIES)
+@pytest.mark.parametrize("batch,impl", [(1, "sdpa"), (3, "sdpa"), (3, "eager")])
+def test_family_identity_effect_and_generate(tiny, family, batch, impl):
+    model, processor = tiny(family, impl)
+    inputs = testing.tiny_inputs(processor, batch=batch)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -71,11 +72,11 @@ def test_family_identity_effect_and_generate(tiny, family):
             same = model(**inputs).logits
         with attnkit.intervene(model, "pai:cfg=false"):
             changed = model(**inputs).logits
-            out = model.generate(**inputs, max_new_tokens=3, **GEN)
+            out = model.generate(**inputs, max_new_tokens=4, **GEN)
         visual = inputs["input_ids"] == model.config.image_token_id
         answer_rows = testing.pai_answer_rows(inputs["input_ids"].shape[1], visual)
         with attnkit.intervene(model, answer_rows):
-            loop = testing.greedy_reference(model, inputs, 3, family)
+            loop = testing.greedy_reference(model, inputs, 4, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-5
     before_last = valid.clone()

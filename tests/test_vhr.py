@@ -105,10 +105,11 @@ def test_per_sample_selection_equals_layer_by_layer_reference(tiny, family):
             torch.testing.assert_close(vhr._vhd[layer][b], vhds[layer], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
-def test_family_identity_effect_and_generate(tiny, family):
+@pytest.mark.parametrize("family", testing.ALL_FAMILIES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_family_identity_effect_and_generate(tiny, family, batch):
     model, processor = tiny(family)
-    inputs = testing.tiny_inputs(processor, batch=2)
+    inputs = testing.tiny_inputs(processor, batch=batch)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -117,10 +118,10 @@ def test_family_identity_effect_and_generate(tiny, family):
         vhr = VHR()
         with attnkit.intervene(model, vhr):
             changed = model(**inputs).logits
-            out = model.generate(**inputs, max_new_tokens=2, **GEN)
+            out = model.generate(**inputs, max_new_tokens=3, **GEN)
         # heads are chosen once, at the first generation step: a no-cache loop with those heads fixed
         with attnkit.intervene(model, testing.fixed_heads(dict(vhr._factor))):
-            loop = testing.greedy_reference(model, inputs, 2, family)
+            loop = testing.greedy_reference(model, inputs, 3, family)
     torch.testing.assert_close(same[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (changed[valid] - ref[valid]).abs().max() > 1e-3
     assert torch.equal(out, loop)
