@@ -170,6 +170,13 @@ class ModelAdapter:
         return rotary
 
 
+def keep_output(store: dict, name: str):
+    """A forward hook that keeps its module's output (a tuple's first element) in ``store[name]``."""
+    def hook(module, args, out):
+        store[name] = out[0] if isinstance(out, tuple) else out
+    return hook
+
+
 def mean_received_attention(query: torch.Tensor, key: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
     """``mean_q softmax(q kᵀ · scale)[q, k]`` in float32, query rows in chunks (bounded memory):
     query [..., n_q, d], key [..., n_k, d] -> [..., n_k]."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.models.base import ModelAdapter, mean_received_attention
+from attnkit.models.base import ModelAdapter, keep_output, mean_received_attention
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -74,15 +74,10 @@ class Gemma3Adapter(ModelAdapter):
         projector = self.projector
         captured: dict = {}
 
-        def keep(name):
-            def hook(module, args, out):
-                captured[name] = out
-            return hook
-
         if wants & {"received", "keys"}:
-            installed.forward_hook(attn.k_proj, keep("k"))
+            installed.forward_hook(attn.k_proj, keep_output(captured, "k"))
         if "received" in wants:
-            installed.forward_hook(attn.q_proj, keep("q"))
+            installed.forward_hook(attn.q_proj, keep_output(captured, "q"))
 
         def pool(rows: torch.Tensor) -> torch.Tensor:
             """[n, P, c] per patch -> [n, tokens, c] averaged over each pooling unit (the projector's avg_pool)."""

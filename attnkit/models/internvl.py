@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.models.base import ModelAdapter, mean_received_attention
+from attnkit.models.base import ModelAdapter, keep_output, mean_received_attention
 
 
 class InternVLAdapter(ModelAdapter):
@@ -67,15 +67,10 @@ class InternVLAdapter(ModelAdapter):
         attn = self._feature_layer().attention
         captured: dict = {}
 
-        def keep(name):
-            def hook(module, args, out):
-                captured[name] = out
-            return hook
-
         if wants & {"cls", "received", "keys"}:
-            installed.forward_hook(attn.k_norm, keep("k"))
+            installed.forward_hook(attn.k_norm, keep_output(captured, "k"))
         if wants & {"cls", "received"}:
-            installed.forward_hook(attn.q_norm, keep("q"))
+            installed.forward_hook(attn.q_norm, keep_output(captured, "q"))
 
         def on_attention(module, args, out):
             if "k" not in captured:

@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from attnkit.models.base import ModelAdapter, mean_received_attention
+from attnkit.models.base import ModelAdapter, keep_output, mean_received_attention
 
 
 class LlavaAdapter(ModelAdapter):
@@ -50,15 +50,10 @@ class LlavaAdapter(ModelAdapter):
         drop_cls = int(self.model.config.vision_feature_select_strategy == "default")
         captured: dict = {}
 
-        def keep(name):
-            def hook(module, args, out):
-                captured[name] = out[0] if isinstance(out, tuple) else out
-            return hook
-
         if wants & {"cls", "received", "keys"}:
-            installed.forward_hook(attn.k_proj, keep("k"))
+            installed.forward_hook(attn.k_proj, keep_output(captured, "k"))
         if wants & {"cls", "received"}:
-            installed.forward_hook(attn.q_proj, keep("q"))
+            installed.forward_hook(attn.q_proj, keep_output(captured, "q"))
 
         def on_layer(module, args, out):
             n_img, heads = (out[0] if isinstance(out, tuple) else out).shape[0], attn.num_heads
