@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from attnkit.eval.benchmarks import get_benchmark
-from attnkit.eval.bootstrap import bootstrap_ci, paired_ci, significant
+from attnkit.eval.bootstrap import significant
 from attnkit.eval.fingerprint import HashCache, options_fingerprint, samples_fingerprint
+from attnkit.eval.intervals import config_intervals
 from attnkit.eval.metrics import parse_yes_no
 from attnkit.eval.runner import BASELINE, read_rows, split_specs
 
@@ -123,16 +124,15 @@ def bench_stats(score, samples: Sequence, runs: Mapping[str, tuple[dict, list[di
         if missing:
             raise ValueError(f"config {c!r} has no prediction for {len(missing)} sample(s) (e.g. {missing[0]}); "
                              "finish its run first (rerunning `attnkit eval` resumes)")
-    base = preds[BASELINE]
-    base_value = score(samples, base)
+    configs = [BASELINE, *(c for c in preds if c != BASELINE)]
+    found = config_intervals(None, samples, [preds[c] for c in configs], resamples=resamples, seed=seed, score=score)
+    values = [score(samples, preds[c]) for c in configs]
     out: dict[str, dict[str, tuple]] = {}
-    for c, p in preds.items():
-        value = score(samples, p)
-        ci = bootstrap_ci(score, samples, p, resamples=resamples, seed=seed)
-        diff = None if c == BASELINE else paired_ci(score, samples, base, p, resamples=resamples, seed=seed)
-        out[c] = {m: (value[m], ci[m], None if diff is None else value[m] - base_value[m],
-                      None if diff is None else diff[m]) for m in metrics if m in value}
-    return out
+    for c, value, got in zip(configs, values, found):
+        paired = got.get("paired")
+        out[c] = {m: (value[m], tuple(got["ci"][m]), None if paired is None else value[m] - values[0][m],
+                      None if paired is None else tuple(paired[m])) for m in metrics if m in value}
+    return {c: out[c] for c in preds}
 
 
 def changed_answers(runs: Mapping[str, tuple[dict, list[dict]]]) -> dict[str, int]:

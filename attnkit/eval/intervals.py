@@ -49,17 +49,20 @@ class CountTable(NamedTuple):
 
 def config_intervals(bench, samples: Sequence, predictions: Sequence[Mapping[str, str]], *,
                      metrics: Collection[str] | None = None, resamples: int | None = None, seed: int = 0,
-                     level: float = LEVEL) -> list[dict[str, Any]]:
+                     level: float = LEVEL, score: Callable | None = None) -> list[dict[str, Any]]:
     """Per config (``predictions[0]`` is the baseline's), ``{"ci": {metric: [low, high]}, "paired": {metric:
     [low, high]}, "significant": [metric, ...]}``: the percentile interval of each metric, and of ``metric(config)
     − metric(baseline)`` over the same draws (absent for the baseline); a difference is significant when its
     interval excludes 0. ``metrics``: only these (matched on the part after the last ``/``, so ``"f1"`` keeps
     ``f1`` and ``random/f1``); default all. Draws are stratified by split (:mod:`attnkit.eval.bootstrap`);
-    ``resamples`` defaults to :data:`RESAMPLES` (:data:`FALLBACK_RESAMPLES` without a count table)."""
+    ``resamples`` defaults to :data:`RESAMPLES` (:data:`FALLBACK_RESAMPLES` without a count table). ``score``
+    (``score(samples, predictions) -> metrics``, e.g. ``bench.score`` plus a metric of one's own): score each draw
+    with it instead of the benchmark's count table."""
     def wanted(metric: str) -> bool:
         return not _is_count(metric) and (metrics is None or metric.rsplit("/", 1)[-1] in metrics)
 
-    table = count_table(bench, samples, predictions)
+    table = count_table(bench, samples, predictions) if score is None else None
+    score = score or bench.score
     if table is not None:
         weights_of = _weights(len(samples))
 
@@ -70,10 +73,10 @@ def config_intervals(bench, samples: Sequence, predictions: Sequence[Mapping[str
         drawn: Sequence = [_Drawn(i, s.split) for i, s in enumerate(samples)]
     else:
         def per_config(draw: Sequence) -> list[dict[str, float]]:
-            return [dict(bench.score(draw, p)) for p in predictions]
+            return [dict(score(draw, p)) for p in predictions]
 
         drawn = samples
-    resamples = resamples or default_resamples(bench)
+    resamples = resamples or (RESAMPLES if table is not None else FALLBACK_RESAMPLES)
 
     def joint(draw: Sequence, _unused: Mapping) -> dict[str, float]:
         scored = [{m: v for m, v in got.items() if wanted(m)} for got in per_config(draw)]
